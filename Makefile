@@ -1,0 +1,28 @@
+# Two commands for a newcomer:  `make up` (install + a local mesh)  and  `make test` (install + the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch for the tests and the local demo; GPU users install the project into their own env.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install up test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(VENV)/bin/mesh up
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

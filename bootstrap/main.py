@@ -1,0 +1,52 @@
+"""The bootstrap node: the first DHT peer. Fixed port, persistent identity, prints the join command."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mesh import httpserve, lifecycle, metrics
+from mesh.config import BootstrapConfig, describe
+from mesh.dht import start_dht, visible_maddrs
+
+logger = logging.getLogger(__name__)
+
+REFRESH_PERIOD = 15.0  # seconds between routing-table refreshes
+
+
+async def _routing_table_size(_dht, node) -> int:
+    # a lookup of a random key contacts peers and drops the dead ones from the routing table
+    await node.get(f"mesh_heartbeat_{time.monotonic_ns()}", latest=True)
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def run(config: BootstrapConfig) -> int:
+    stop = lifecycle.install_stop_handlers()
+    started = time.monotonic()
+    logger.info("bootstrap config %s", describe(config))
+    metrics.init_build_info("bootstrap")
+    dht = start_dht(config)
+    try:
+        addrs = visible_maddrs(dht)
+        if config.address_file is not None:
+            tmp = config.address_file.with_suffix(".tmp")
+            tmp.write_text("\n".join(addrs) + "\n")
+            tmp.replace(config.address_file)
+        print("bootstrap node is up; peers join with:", flush=True)
+        for addr in addrs:
+            print(f"  mesh peer --join {addr} --run RUN_ID --task TASK", flush=True)
+        if config.metrics_port is not None:
+            httpserve.serve(config.host, config.metrics_port, lambda: {
+                "status": "ok", "peer_id": str(dht.peer_id), "addrs": addrs, "uptime_seconds": time.monotonic() - started,
+            })
+        while not stop.wait(min(REFRESH_PERIOD, 1.0) if time.monotonic() - started < 5 else REFRESH_PERIOD):
+            metrics.uptime.set(time.monotonic() - started)
+            try:
+                metrics.dht_peers.set(dht.run_coroutine(_routing_table_size))
+            except Exception as err:
+                logger.warning("routing table refresh failed error=%s", err)
+    finally:
+        ok = lifecycle.run_steps_with_deadline([("dht", dht.shutdown)], timeout=10.0)
+        lifecycle.kill_descendants()
+        logger.info("bootstrap stopped")
+    return 0 if ok else 1

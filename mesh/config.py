@@ -1,0 +1,331 @@
+"""Configuration: one frozen dataclass per component, resolved as flags > MESH_* environment > file > defaults.
+
+Only entry points call :func:`resolve`; the resulting object is passed down. Every field can be set by the flag
+``--field-name``, the environment variable ``MESH_FIELD_NAME`` and the key ``field_name`` of a TOML or JSON file
+given with ``--config`` (or ``MESH_CONFIG``); a file may also hold per-command tables (``[peer]``, ``[bootstrap]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from mesh.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "MESH_"
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+COMPRESSIONS = ("none", "fp16", "8bit")
+AVERAGING_MODES = ("gradients", "local")
+LOG_FORMATS = ("text", "json")
+SECRET_FIELDS = ("token",)
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ConfigError(
+            f"invalid run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return run_id
+
+
+def _check_port(name: str, port: int | None) -> None:
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 65535 (0 picks a free port), got {port}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How a process listens on and joins the DHT (shared by bootstrap, peer and doctor)."""
+
+    join: tuple[str, ...] = ()
+    """Multiaddrs of live DHT peers to join through (the bootstrap's or any peer's); repeatable."""
+    host: str = "0.0.0.0"
+    """Interface to listen on for libp2p connections."""
+    port: int = 0
+    """TCP port to listen on; 0 picks a free one."""
+    announce: tuple[str, ...] = ()
+    """Multiaddrs announced to others instead of the listening ones (NAT, containers); explicit ports only."""
+    identity: Path | None = None
+    """Private key file; makes the peer id, and so the multiaddr, survive restarts. Created when missing."""
+    client_mode: bool = False
+    """Join as a client: reach out to others but accept no incoming connections (for hosts behind NAT)."""
+    join_timeout: float = 30.0
+    """Seconds to wait for the DHT to answer before giving up."""
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_positive("join_timeout", self.join_timeout)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    log_format: str = "text"
+    """text for people, json for log shippers."""
+
+    def __post_init__(self) -> None:
+        _check_choice("log_format", self.log_format, LOG_FORMATS)
+        _check_choice("log_level", self.log_level.lower(), ("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class BootstrapConfig(LogConfig, NetworkConfig):
+    """The bootstrap node: the first DHT peer everyone joins by its address."""
+
+    port: int = 31337
+    """TCP port to listen on (fixed by default so the join command stays the same); 0 picks a free one."""
+    address_file: Path | None = None
+    """Write the visible multiaddrs here, one per line (read by ``mesh up`` and scripts)."""
+    metrics_port: int | None = None
+    """Serve ``/healthz`` and ``/metrics`` on this HTTP port (0 picks one); off when unset."""
+
+    def __post_init__(self) -> None:
+        NetworkConfig.__post_init__(self)
+        LogConfig.__post_init__(self)
+        _check_port("metrics_port", self.metrics_port)
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Hyperparameters used when this peer creates a run; ignored when it joins an existing one."""
+
+    batch_size: int | None = None
+    """Samples per local step (the task's default when unset)."""
+    target_batch_size: int | None = None
+    """Samples accumulated across all peers before every peer steps: one epoch (the task's default when unset)."""
+    optimizer: str | None = None
+    """sgd, adam or adamw (the task's default when unset)."""
+    lr: float | None = None
+    """Learning rate (the task's default when unset)."""
+    averaging: str = "gradients"
+    """gradients: average gradients every epoch; local: step locally and average parameters every epoch."""
+    compression: str = "none"
+    """Wire format for averaged tensors: none, fp16 or 8bit."""
+    matchmaking_time: float = 3.0
+    """Seconds to wait for peers to form a group before each averaging round."""
+    averaging_timeout: float = 30.0
+    """Seconds before an averaging round is abandoned and the peer steps with its local gradients."""
+    seed: int = 0
+    """Seed of the model's initial parameters (every peer of the run starts from the same ones)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("target_batch_size", self.target_batch_size)
+        _check_positive("lr", self.lr)
+        if self.optimizer is not None:
+            _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("averaging", self.averaging, AVERAGING_MODES)
+        _check_choice("compression", self.compression, COMPRESSIONS)
+        _check_positive("matchmaking_time", self.matchmaking_time)
+        _check_positive("averaging_timeout", self.averaging_timeout)
+
+
+@dataclass(frozen=True)
+class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
+    """A training peer."""
+
+    run: str = ""
+    """The run to join (or create, when --task is given and nobody has created it)."""
+    task: str | None = None
+    """Built-in task name (regression, demo) or module:function; read from the run's record when unset."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    bf16: bool = False
+    """Run forward and backward under bf16 autocast."""
+    threads: int | None = None
+    """torch intra-op threads (torch's default when unset); set it when several peers share one machine."""
+    checkpoint_dir: Path | None = None
+    """Write checkpoints here atomically and resume from the newest one at start."""
+    checkpoint_every: int = 10
+    """Epochs between checkpoints (one is always written on exit)."""
+    max_epochs: int | None = None
+    """Leave the run after reaching this global epoch."""
+    status_file: Path | None = None
+    """Write a JSON progress snapshot here after every epoch (read by ``mesh up``)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this HTTP port (0 picks one); off when unset."""
+    log_every: float = 10.0
+    """Seconds between progress log lines."""
+    shutdown_timeout: float = 20.0
+    """Seconds a graceful leave may take before the peer exits anyway."""
+    fault_nan_step: int | None = None
+    """Testing aid: make the local gradient NaN at this local step (it must be skipped, never sent)."""
+
+    def __post_init__(self) -> None:
+        NetworkConfig.__post_init__(self)
+        LogConfig.__post_init__(self)
+        RunDefaults.__post_init__(self)
+        if not self.run:
+            raise ConfigError("--run is required: the id of the run to join or create (e.g. --run demo)")
+        validate_run_id(self.run)
+        _check_choice("device", self.device, DEVICES)
+        _check_positive("checkpoint_every", self.checkpoint_every)
+        _check_positive("threads", self.threads)
+        _check_positive("max_epochs", self.max_epochs)
+        _check_positive("log_every", self.log_every)
+        _check_positive("shutdown_timeout", self.shutdown_timeout)
+        _check_port("metrics_port", self.metrics_port)
+
+
+@dataclass(frozen=True)
+class UpConfig(RunDefaults, LogConfig):
+    """``mesh up``: a bootstrap node and N peers on this machine."""
+
+    peers: int = 2
+    """Number of local peers."""
+    task: str = "demo"
+    """Task the local peers train."""
+    run: str = "local"
+    """Run id of the local mesh."""
+    max_epochs: int | None = None
+    """Stop everything after this global epoch (runs until Ctrl-C when unset)."""
+    workdir: Path | None = None
+    """Folder for identities, checkpoints, status files and logs (a temporary one when unset)."""
+    device: str = "auto"
+    """Device of the local peers."""
+    threads_per_peer: int | None = None
+    """torch threads per peer (cores / peers when unset)."""
+
+    def __post_init__(self) -> None:
+        LogConfig.__post_init__(self)
+        RunDefaults.__post_init__(self)
+        if not 1 <= self.peers <= 64:
+            raise ConfigError(f"--peers must be between 1 and 64, got {self.peers}")
+        _check_positive("max_epochs", self.max_epochs)
+        _check_choice("device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class DoctorConfig(LogConfig, NetworkConfig):
+    """``mesh doctor``: preflight checks."""
+
+    host: str = "0.0.0.0"
+    join_timeout: float = 15.0
+    """Seconds to wait for the bootstrap to answer."""
+
+
+C = TypeVar("C")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Turn a string (env var) or a file value into the field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return _coerce(value, args[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.replace(",", " ").split() if v.strip()]
+        return tuple(str(v) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is Path:
+            return Path(value).expanduser()
+        return str(value) if hint is str else value
+    except (TypeError, ValueError):
+        kind = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
+
+
+def load_file(path: Path | None, section: str) -> dict[str, Any]:
+    """Read a TOML or JSON config file; keys of the ``[section]`` table override top-level keys."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_bytes()
+        data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text.decode())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'TOML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    sections = {"bootstrap", "peer", "up", "doctor", "api", "status"}
+    merged = {k.replace("-", "_"): v for k, v in data.items() if k not in sections}
+    merged.update({k.replace("-", "_"): v for k, v in (data.get(section) or {}).items()})
+    return merged
+
+
+def resolve(
+    cls: type[C],
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    file: Mapping[str, Any] | None = None,
+) -> C:
+    """Build ``cls`` from flags (None = not given) > ``MESH_*`` environment > file > the dataclass defaults."""
+    env = os.environ if env is None else env
+    file = file or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = _field_type(cls, f.name)
+        flag = flags.get(f.name)
+        env_name = ENV_PREFIX + f.name.upper()
+        if flag is not None and flag != ():
+            values[f.name] = _coerce(flag, hint, "--" + f.name.replace("_", "-"))
+        elif env.get(env_name) not in (None, ""):
+            values[f.name] = _coerce(env[env_name], hint, env_name)
+        elif f.name in file:
+            values[f.name] = _coerce(file[f.name], hint, f"{f.name} in the config file")
+    return cls(**values)
+
+
+def describe(config: Any) -> str:
+    """One log line with every resolved setting, secrets redacted."""
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in SECRET_FIELDS and value:
+            value = "***"
+        if isinstance(value, tuple):
+            value = ",".join(value) or "-"
+        parts.append(f"{f.name}={value}")
+    return " ".join(parts)

@@ -1,0 +1,94 @@
+"""``mesh doctor``: preflight checks in plain words. Each check prints one line: ok, warn or FAIL."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.p2p import PeerID
+from hivemind.proto import dht_pb2
+
+from mesh.config import DoctorConfig, NetworkConfig
+from mesh.dht import parse_multiaddr, start_dht, visible_maddrs
+from mesh.errors import MeshError
+
+
+def _say(status: str, message: str) -> None:
+    print(f"[{status:>4}] {message}", flush=True)
+
+
+def _address_kind(maddr: str) -> str:
+    parts = maddr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return "name"
+    ip = ipaddress.ip_address(parts[2])
+    return "loopback" if ip.is_loopback else "private" if ip.is_private else "public"
+
+
+async def _ping_back(_dht, node, peer_id: PeerID, timeout: float):
+    """Ask a DHT peer to ping us back: ``available`` tells whether it can open a connection to this host."""
+    protocol: DHTProtocol = node.protocol
+    request = dht_pb2.PingRequest(peer=protocol.node_info, validate=True)
+    return await protocol.get_stub(peer_id).rpc_ping(request, timeout=timeout)
+
+
+def run(config: DoctorConfig) -> int:
+    failures = 0
+    targets = []
+    for addr in config.join:
+        try:
+            targets.append(parse_multiaddr(addr))
+            _say("ok", f"address parses: {addr}")
+        except MeshError as err:
+            _say("FAIL", str(err))
+            failures += 1
+    if failures:
+        return 1
+
+    started = time.monotonic()
+    local = NetworkConfig(
+        join=config.join, host=config.host, port=config.port, announce=config.announce, join_timeout=config.join_timeout
+    )
+    try:
+        dht = start_dht(local, require_join=False)
+    except MeshError as err:
+        _say("FAIL", f"the libp2p daemon did not start: {err}")
+        return 1
+    try:
+        _say("ok", f"the libp2p daemon starts ({time.monotonic() - started:.1f}s), peer id {dht.peer_id}")
+        addrs = visible_maddrs(dht)
+        kinds = {_address_kind(a) for a in addrs}
+        _say("ok", f"listening on {', '.join(addrs) or 'nothing'}")
+        if not targets:
+            _say("warn", "no --join given: only local checks were run")
+        for maddr in targets:
+            peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
+            try:
+                sent = time.monotonic()
+                response = dht.run_coroutine(lambda d, n: _ping_back(d, n, peer_id, config.join_timeout))
+                rtt = (time.monotonic() - sent) * 1000
+            except Exception as err:
+                _say("FAIL", f"the bootstrap at {maddr} does not answer ({type(err).__name__}: {err}); is it running, and is its port open?")
+                failures += 1
+                continue
+            _say("ok", f"the bootstrap answers ({rtt:.0f} ms round trip)")
+            skew = abs(response.dht_time - time.time()) if response.dht_time else 0.0
+            if skew > 5:
+                _say("warn", f"clocks differ by {skew:.0f}s from the bootstrap: sync this host's clock (NTP)")
+            if response.available:
+                _say("ok", "this host is reachable from the bootstrap: it can be a full peer")
+            else:
+                _say(
+                    "warn",
+                    "the bootstrap cannot connect back to this host: forward the port and pass --announce "
+                    "/ip4/PUBLIC_IP/tcp/PORT, or join with --client-mode (relays carry the traffic)",
+                )
+        if kinds <= {"loopback"}:
+            _say("warn", "only loopback addresses are visible: other machines cannot reach this host (use --host 0.0.0.0)")
+        elif "public" not in kinds and not config.announce:
+            _say("warn", "no public address is visible: peers outside this network need --announce or --client-mode")
+    finally:
+        dht.shutdown()
+    _say("ok" if not failures else "FAIL", "all checks passed" if not failures else f"{failures} check(s) failed")
+    return 0 if not failures else 1

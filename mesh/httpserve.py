@@ -1,0 +1,43 @@
+"""A tiny HTTP server for processes without a web app of their own: ``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+logger = logging.getLogger(__name__)
+
+
+def serve(host: str, port: int, health: Callable[[], dict]) -> ThreadingHTTPServer:
+    """Serve in a daemon thread; ``server.server_address[1]`` is the bound port (useful with port 0)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/health"):
+                self._reply(200, json.dumps(health()).encode(), "application/json")
+            else:
+                self._reply(404, json.dumps({"error": {"code": "not_found", "message": path, "details": {}}}).encode(), "application/json")
+
+        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    logger.info("http listening url=http://%s:%d/metrics health=/healthz", host, server.server_address[1])
+    return server

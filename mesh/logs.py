@@ -1,0 +1,38 @@
+"""Logging, configured once per process: short key=value lines for people, or JSON lines for log shippers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        prefix = f"{role} " if role else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # hivemind is chatty at INFO (every matchmaking step); route it through our handler, one level quieter
+    from hivemind.utils import logging as hm_logging
+
+    hm_logging.use_hivemind_log_handler("in_root_logger")
+    logging.getLogger("hivemind").setLevel("DEBUG" if level.lower() == "debug" else "WARNING")

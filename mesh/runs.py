@@ -1,0 +1,84 @@
+"""Joining a run: read its record from the DHT, or create it when this peer brings a task."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from hivemind import DHT
+
+from mesh.config import RunDefaults
+from mesh.errors import RunError
+from mesh.records import RECORD_TTL, RunRecord, fetch_run, fingerprint, make_record, publish_run
+from mesh.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def model_fingerprint(task: Task, seed: int) -> str:
+    torch.manual_seed(seed)
+    return fingerprint(task.make_model())
+
+
+def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults) -> RunRecord:
+    """The record of a new run: flags first, then the task's suggested hyperparameters."""
+    suggested = {"batch_size": 16, "target_batch_size": 256, "optimizer": "adamw", "lr": 1e-3, **task.defaults}
+    hyper = {name: getattr(defaults, name) for name in ("batch_size", "target_batch_size", "optimizer", "lr")}
+    hyper = {name: suggested[name] if value is None else value for name, value in hyper.items()}
+    hyper["target_batch_size"] = max(hyper["target_batch_size"], hyper["batch_size"])
+    return make_record(
+        run_id,
+        task_spec,
+        model_fingerprint(task, defaults.seed),
+        averaging=defaults.averaging,
+        compression=defaults.compression,
+        matchmaking_time=defaults.matchmaking_time,
+        averaging_timeout=defaults.averaging_timeout,
+        seed=defaults.seed,
+        **hyper,
+    )
+
+
+def join_or_create(dht: DHT, run_id: str, task_spec: str | None, task: Task | None, defaults: RunDefaults) -> RunRecord:
+    """The run's record. Refuses (RunError) a task that differs from the run's, or a missing run with no task."""
+    record = fetch_run(dht, run_id)
+    if record is None:
+        if task is None or task_spec is None:
+            raise RunError(
+                f"run {run_id!r} does not exist in this mesh (no live peer publishes it); "
+                "pass --task NAME to create it, or check the run id"
+            )
+        record = create_record(run_id, task_spec, task, defaults)
+        if not publish_run(dht, record):
+            logger.warning("no DHT node accepted the run record yet run=%s; will retry", run_id)
+        logger.info("created run run=%s task=%s fingerprint=%s", run_id, task_spec, record.fingerprint)
+        return fetch_run(dht, run_id, attempts=1) or record
+    if task_spec is not None and task_spec != record.task:
+        raise RunError(f"run {run_id!r} trains task {record.task!r}, not {task_spec!r}; drop --task or pick another run")
+    if task is not None and model_fingerprint(task, record.seed) != record.fingerprint:
+        raise RunError(
+            f"this peer's task {task_spec!r} has parameter fingerprint {model_fingerprint(task, record.seed)}, "
+            f"but run {run_id!r} expects {record.fingerprint}: the model's shapes differ; update the task code to the run's version"
+        )
+    logger.info("joined run run=%s task=%s epoch_size=%d", run_id, record.task, record.target_batch_size)
+    return record
+
+
+class RecordKeeper(threading.Thread):
+    """Re-publishes the run's record while this peer lives, so the run outlives its creator."""
+
+    def __init__(self, dht: DHT, record: RunRecord, period: float = RECORD_TTL / 3) -> None:
+        super().__init__(name="record-keeper", daemon=True)
+        self.dht, self.record, self.period = dht, record, period
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            try:
+                publish_run(self.dht, self.record)
+            except Exception as err:  # a DHT hiccup must not stop training
+                logger.warning("could not refresh run record run=%s error=%s", self.record.run_id, err)
+
+    def stop(self) -> None:
+        self.stopped.set()

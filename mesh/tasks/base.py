@@ -1,0 +1,33 @@
+"""The task interface: what a peer trains. Built-in tasks and user tasks (``module:function``) return a Task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+Batch = Any  # a tensor, or a tuple/list/dict of tensors; moved to the device by the trainer
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything a peer needs to train one model.
+
+    The trainer calls ``make_model()`` under ``torch.manual_seed(run_seed)``, so every peer of a run starts from
+    the same parameters; ``make_batches(batch_size, seed)`` with a per-peer seed, so peers see different data.
+    """
+
+    name: str
+    """Short name, recorded in the run's config."""
+    make_model: Callable[[], torch.nn.Module]
+    """Builds a freshly initialised model (called under a fixed seed)."""
+    make_batches: Callable[[int, int], Iterator[Batch]]
+    """``(batch_size, seed) -> endless iterator of batches``."""
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor]
+    """``(model, batch) -> scalar loss`` (the trainer calls ``.backward()`` on it)."""
+    description: str = ""
+    """One line shown by ``mesh up`` and in logs."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Suggested hyperparameters (``lr``, ``optimizer``, ``batch_size``, ``target_batch_size``) used when a run is
+    created with this task and the user gave none."""

@@ -1,0 +1,308 @@
+"""The collaborative trainer: a local training loop on top of hivemind.Optimizer.
+
+Each local step runs forward and backward on this peer's device and hands the gradient to hivemind, which
+accumulates toward the run's global ``target_batch_size``. When the swarm has accumulated that many samples, the
+peers that are ready form groups through the DHT, all-reduce their gradients, and every member steps: one epoch.
+A failed round degrades to the local gradient and is counted; a non-finite gradient is dropped before hivemind
+ever sees it, so it is never sent and never applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import hivemind
+import torch
+from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
+
+from mesh import checkpoint, metrics
+from mesh.errors import ConfigError, RunError
+from mesh.records import RunRecord, fingerprint
+from mesh.tasks import Batch, Task
+
+logger = logging.getLogger(__name__)
+
+# Tensors smaller than this are sent as fp16 even in 8-bit mode: quantizing a bias of a few values costs more
+# accuracy than it saves bytes.
+EIGHT_BIT_MIN_SIZE = 2**12
+
+
+def make_compression(name: str) -> hivemind.compression.CompressionBase:
+    if name == "none":
+        return NoCompression()
+    if name == "fp16":
+        return Float16Compression()
+    if name == "8bit":
+        return SizeAdaptiveCompression(EIGHT_BIT_MIN_SIZE, less=Float16Compression(), greater_equal=Uniform8BitQuantization())
+    raise ConfigError(f"unknown compression {name!r}: use none, fp16 or 8bit")
+
+
+def make_optimizer_factory(name: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in classes:
+        raise ConfigError(f"unknown optimizer {name!r}: use {', '.join(classes)}")
+    return lambda params: classes[name](params, lr=lr)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+def gradients_finite(model: torch.nn.Module) -> bool:
+    """One fused check over every gradient. Note: this is a CPU-GPU sync point on CUDA."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+class MeshOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that records each round's outcome and group size, and counts state downloads."""
+
+    last_outcome: str | None = None
+    last_group_size: int = 0
+    rounds: dict[str, int]
+    state_downloads: int = 0
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        self.rounds = getattr(self, "rounds", {"ok": 0, "failed": 0, "local_only": 0})
+        self.last_outcome = None
+        super()._update_global_epoch(grad_scaler)
+        if self.use_gradient_averaging and self.last_outcome is None:
+            self._record("local_only", 1)  # nobody else was there: hivemind stepped with the local gradient
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is None:
+            self._record("local_only", 1)
+            return
+        try:
+            group = maybe_step_control.result(timeout=0)
+            self._record("ok", len(group))
+        except BaseException:  # hivemind already logged why; the peer stepped with its local gradient
+            self._record("failed", 1)
+
+    def _record(self, outcome: str, size: int) -> None:
+        self.last_outcome, self.last_group_size = outcome, size
+        self.rounds[outcome] = self.rounds.get(outcome, 0) + 1
+        metrics.averaging_rounds.labels(outcome).inc()
+        metrics.group_size.set(size)
+        if outcome == "failed":
+            logger.warning("averaging round failed epoch=%d; stepped with the local gradient", self.local_epoch)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        started = time.perf_counter()
+        super().load_state_from_peers(**kwargs)
+        self.state_downloads += 1
+        metrics.state_downloads.inc()
+        logger.info("loaded state from peers epoch=%d seconds=%.2f", self.local_epoch, time.perf_counter() - started)
+
+
+@dataclass
+class Progress:
+    """What the peer tells people (logs, status file, ``mesh up``)."""
+
+    epoch: int = 0
+    local_steps: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+    global_samples_per_second: float = 0.0
+    last_group_size: int = 0
+    rounds: dict[str, int] = field(default_factory=dict)
+    nonfinite_skips: int = 0
+    state_downloads: int = 0
+    _epoch_losses: list[float] = field(default_factory=list)
+    _epoch_started: float = field(default_factory=time.monotonic)
+
+    def snapshot(self, **extra: Any) -> dict[str, Any]:
+        public = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return {**public, **extra, "time": time.time()}
+
+
+class Trainer:
+    """Owns the model, the hivemind optimizer and the loop. Create it after the DHT, before any thread."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        record: RunRecord,
+        task: Task,
+        *,
+        device: torch.device,
+        peer_seed: int,
+        bf16: bool = False,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 10,
+        status_file: Path | None = None,
+        client_mode: bool = False,
+        fault_nan_step: int | None = None,
+    ) -> None:
+        self.record, self.task, self.device = record, task, device
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.status_file, self.fault_nan_step = status_file, fault_nan_step
+        self.peer_id = str(dht.peer_id)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+        torch.manual_seed(record.seed)  # every peer of the run starts from the same parameters
+        self.model = task.make_model().to(device)
+        if fingerprint(self.model) != record.fingerprint:
+            raise RunError(
+                f"task {task.name!r} builds a model with fingerprint {fingerprint(self.model)}, but run {record.run_id!r} "
+                f"expects {record.fingerprint}; join with the run's task and settings"
+            )
+        self.batches = task.make_batches(record.batch_size, peer_seed)
+        compression = make_compression(record.compression)
+        self.opt = MeshOptimizer(
+            dht=dht,
+            run_id=record.run_id,
+            params=self.model.parameters(),
+            optimizer=make_optimizer_factory(record.optimizer, record.lr),
+            batch_size_per_step=record.batch_size,
+            target_batch_size=record.target_batch_size,
+            matchmaking_time=record.matchmaking_time,
+            averaging_timeout=record.averaging_timeout,
+            load_state_timeout=max(60.0, record.averaging_timeout),
+            use_local_updates=record.averaging == "local",
+            grad_compression=compression,
+            state_averaging_compression=compression,
+            client_mode=client_mode,
+            verbose=False,
+        )
+        self.opt.rounds = {"ok": 0, "failed": 0, "local_only": 0}
+        self.progress = Progress()
+        self._epoch_times: list[float] = []
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = checkpoint.load(self.checkpoint_dir)
+        if state is None:
+            return
+        if state.get("fingerprint") != self.record.fingerprint or state.get("run_id") != self.record.run_id:
+            raise ConfigError(
+                f"checkpoint in {self.checkpoint_dir} belongs to run {state.get('run_id')!r} "
+                f"(fingerprint {state.get('fingerprint')}); use another --checkpoint-dir for run {self.record.run_id!r}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.progress.epoch = self.opt.local_epoch
+        logger.info("resumed from checkpoint dir=%s epoch=%d", self.checkpoint_dir, self.opt.local_epoch)
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        state = {
+            "run_id": self.record.run_id,
+            "fingerprint": self.record.fingerprint,
+            "epoch": self.opt.local_epoch,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "progress": self.progress.snapshot(),
+        }
+        path = checkpoint.save(self.checkpoint_dir, state)
+        logger.info("checkpoint written path=%s epoch=%d", path, self.opt.local_epoch)
+
+    def step(self) -> None:
+        """One local batch: forward, backward, and hand the gradient to hivemind (which may run an epoch)."""
+        started = time.perf_counter()
+        batch = to_device(next(self.batches), self.device)
+        with self.autocast:
+            loss = self.task.loss(self.model, batch)
+        self.progress.local_steps += 1
+        if self.fault_nan_step is not None and self.progress.local_steps == self.fault_nan_step:
+            loss = loss * float("nan")
+        loss.backward()
+        if not gradients_finite(self.model):
+            # never hand a NaN/inf to hivemind: it would be sent to the group and applied by everyone
+            self.opt.zero_grad()
+            self.progress.nonfinite_skips += 1
+            metrics.nonfinite_skips.inc()
+            logger.warning("dropped non-finite gradient step=%d epoch=%d", self.progress.local_steps, self.opt.local_epoch)
+            return
+        self.opt.step(batch_size=self.record.batch_size)
+        self.opt.zero_grad()
+        self.progress._epoch_losses.append(loss.item())  # CPU-GPU sync point, once per step
+        self.progress.samples += self.record.batch_size
+        metrics.steps.inc()
+        metrics.samples.inc(self.record.batch_size)
+        metrics.step_duration.observe(time.perf_counter() - started)
+        if self.opt.local_epoch != self.progress.epoch:
+            self._on_new_epoch()
+
+    def _on_new_epoch(self) -> None:
+        now, p = time.monotonic(), self.progress
+        epochs_advanced = max(1, self.opt.local_epoch - p.epoch)
+        self._epoch_times.append((now - p._epoch_started) / epochs_advanced)
+        recent = self._epoch_times[-5:]
+        p.global_samples_per_second = self.record.target_batch_size / (sum(recent) / len(recent))
+        p.epoch, p._epoch_started = self.opt.local_epoch, now
+        if p._epoch_losses:
+            p.loss = sum(p._epoch_losses) / len(p._epoch_losses)
+            p._epoch_losses = []
+        p.last_group_size = self.opt.last_group_size
+        p.rounds = dict(self.opt.rounds)
+        p.state_downloads = self.opt.state_downloads
+        metrics.epoch.set(p.epoch)
+        metrics.loss.set(p.loss)
+        metrics.samples_per_second.set(p.global_samples_per_second)
+        self.write_status()
+        if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def write_status(self, **extra: Any) -> None:
+        if self.status_file is None:
+            return
+        data = self.progress.snapshot(run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), **extra)
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.status_file)
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def run(self, stop: threading.Event, max_epochs: int | None = None, log_every: float = 10.0) -> str:
+        """Train until ``stop`` is set or ``max_epochs`` is reached; returns why it stopped."""
+        next_log = time.monotonic() + log_every
+        while not stop.is_set():
+            if max_epochs is not None and self.opt.local_epoch >= max_epochs:
+                return "max_epochs"
+            self.step()
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + log_every
+                self.log_progress()
+        return "stopped"
+
+    def log_progress(self) -> None:
+        p = self.progress
+        logger.info(
+            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d rounds_ok=%d rounds_failed=%d "
+            "nonfinite_skips=%d",
+            p.epoch, p.loss, p.global_samples_per_second, p.last_group_size, p.local_steps,
+            self.opt.rounds.get("ok", 0), self.opt.rounds.get("failed", 0), p.nonfinite_skips,
+        )
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()

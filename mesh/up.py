@@ -1,0 +1,210 @@
+"""``mesh up``: a bootstrap node and N peers on this machine, a live progress view, and a clean stop on Ctrl-C.
+
+Every child runs in its own session (process group), so stopping it also reaches the helpers and libp2p daemons
+it started; whatever survives the graceful stop is killed by group. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh import lifecycle
+from mesh.config import UpConfig
+from mesh.errors import MeshError
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 120.0  # seconds for the bootstrap's address, then for the first peer to start training
+STOP_TIMEOUT = 30.0  # seconds each child gets after SIGTERM before it is killed
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, args: list[str], workdir: Path, env: dict[str, str]) -> Child:
+    log = workdir / f"{name}.log"
+    handle = open(log, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # its own process group: we can reach its daemons even if it dies
+    )
+    handle.close()
+    return Child(name, proc, log)
+
+
+def _stop(children: list[Child], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every child, wait, then SIGKILL each child's whole process group."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("child did not stop in time, killing name=%s", child.name)
+    for child in children:
+        try:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        child.proc.wait()
+
+
+def _wait_for(path: Path, child: Child, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if child.proc.poll() is not None:
+            raise MeshError(f"{child.name} exited with code {child.proc.returncode} before {what}; its log ends:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            raise MeshError(f"{child.name} did not report {what} within {timeout:.0f}s; see {child.log}")
+        time.sleep(0.2)
+
+
+def _read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: int) -> list[str]:
+    args = [
+        "peer", "--join", join, "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
+        "--device", config.device, "--threads", str(threads), "--log-level", config.log_level,
+        "--status-file", str(workdir / f"peer-{index}.json"),
+        "--checkpoint-dir", str(workdir / f"peer-{index}"),
+        "--identity", str(workdir / f"peer-{index}.key"),
+        "--matchmaking-time", str(config.matchmaking_time),
+        "--averaging-timeout", str(config.averaging_timeout),
+        "--averaging", config.averaging, "--compression", config.compression, "--seed", str(config.seed),
+    ]
+    for name in ("batch_size", "target_batch_size", "optimizer", "lr", "max_epochs"):
+        value = getattr(config, name)
+        if value is not None:
+            args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+class View:
+    """Redraws a small table on a terminal; elsewhere prints one line per new epoch."""
+
+    def __init__(self, stream=sys.stdout) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.drawn = 0
+        self.last_epoch = -1
+
+    def render(self, statuses: list[tuple[str, dict, bool]]) -> None:
+        epochs = [s.get("epoch", 0) for _, s, _ in statuses if s]
+        epoch = max(epochs, default=0)
+        if self.tty:
+            lines = [f"{'peer':<8} {'state':<9} {'epoch':>5} {'loss':>8} {'samples/s':>10} {'group':>5} {'rounds ok/failed':>17}"]
+            for name, s, alive in statuses:
+                rounds = s.get("rounds", {})
+                state = s.get("state", "starting") if alive else "exited"
+                lines.append(
+                    f"{name:<8} {state:<9} {s.get('epoch', 0):>5} {s.get('loss', float('nan')):>8.4f} "
+                    f"{s.get('global_samples_per_second', 0.0):>10.1f} {s.get('last_group_size', 0):>5} "
+                    f"{rounds.get('ok', 0):>8}/{rounds.get('failed', 0):<8}"
+                )
+            if self.drawn:
+                self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+            self.drawn = len(lines)
+        elif epoch > self.last_epoch and epochs:
+            self.last_epoch = epoch
+            losses = [s["loss"] for _, s, _ in statuses if s and s.get("loss") == s.get("loss") and "loss" in s]
+            loss = sum(losses) / len(losses) if losses else float("nan")
+            rate = max((s.get("global_samples_per_second", 0.0) for _, s, _ in statuses if s), default=0.0)
+            group = max((s.get("last_group_size", 0) for _, s, _ in statuses if s), default=0)
+            alive = sum(1 for _, _, a in statuses if a)
+            print(f"epoch={epoch} loss={loss:.4f} global_samples_per_second={rate:.1f} last_group={group} peers_running={alive}", file=self.stream, flush=True)
+
+
+def run(config: UpConfig) -> int:
+    stop = lifecycle.install_stop_handlers()
+    workdir = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="mesh-up-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in workdir.glob("*.json"):
+        stale.unlink()
+    (workdir / "bootstrap.addr").unlink(missing_ok=True)
+    threads = config.threads_per_peer or max(1, (os.cpu_count() or 1) // config.peers)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env.pop("MESH_CONFIG", None)
+    children: list[Child] = []
+    exit_code = 0
+    try:
+        bootstrap = _spawn(
+            "bootstrap",
+            ["bootstrap", "--host", "127.0.0.1", "--port", "0", "--address-file", str(workdir / "bootstrap.addr"),
+             "--identity", str(workdir / "bootstrap.key"), "--log-level", config.log_level],
+            workdir,
+            env,
+        )
+        children.append(bootstrap)
+        _wait_for(workdir / "bootstrap.addr", bootstrap, STARTUP_TIMEOUT, "its address")
+        join = (workdir / "bootstrap.addr").read_text().split()[0]
+        print(f"mesh up: bootstrap at {join}", flush=True)
+        print(f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run}; logs in {workdir}", flush=True)
+        print(f"mesh up: join from another terminal with: mesh peer --join {join} --run {config.run}", flush=True)
+        peers = []
+        for index in range(config.peers):
+            peer = _spawn(f"peer-{index}", _peer_args(config, join, index, workdir, threads), workdir, env)
+            children.append(peer)
+            peers.append(peer)
+            if index == 0:  # the first peer creates the run; the others then join it instead of racing to create
+                _wait_for(workdir / "peer-0.json", peer, STARTUP_TIMEOUT, "that it is training")
+        view = View()
+        reported: set[str] = set()
+        while not stop.is_set():
+            statuses = [(p.name, _read_status(workdir / f"{p.name}.json"), p.proc.poll() is None) for p in peers]
+            view.render(statuses)
+            for peer in peers:
+                code = peer.proc.poll()
+                if code not in (None, 0) and peer.name not in reported:
+                    reported.add(peer.name)
+                    exit_code = 1
+                    print(f"mesh up: {peer.name} exited with code {code}; its log ends:\n{peer.tail()}", file=sys.stderr, flush=True)
+            if all(p.proc.poll() is not None for p in peers):
+                break
+            if bootstrap.proc.poll() is not None:
+                print(f"mesh up: the bootstrap exited with code {bootstrap.proc.returncode}:\n{bootstrap.tail()}", file=sys.stderr)
+                exit_code = 1
+                break
+            stop.wait(1.0)
+        if stop.is_set():
+            print("mesh up: stopping (Ctrl-C again to force)", flush=True)
+    finally:
+        _stop(list(reversed(children)))
+    codes = {c.name: c.proc.returncode for c in children}
+    print("mesh up: stopped " + " ".join(f"{name}={code}" for name, code in codes.items()), flush=True)
+    if not config.workdir and exit_code == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return exit_code

@@ -1,0 +1,1 @@
+"""The training peer process."""

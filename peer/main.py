@@ -1,0 +1,91 @@
+"""The peer process: join the DHT, join (or create) the run, train, leave cleanly within a bounded time.
+
+Order matters: the DHT and the optimizer fork helper processes, so they start before any thread (metrics server,
+record keeper). Shutdown runs in a fixed, logged order under a deadline; whatever is left is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+
+import torch
+
+from mesh import checkpoint, httpserve, lifecycle, metrics
+from mesh.config import PeerConfig, describe
+from mesh.dht import start_dht, visible_maddrs
+from mesh.runs import RecordKeeper, join_or_create
+from mesh.tasks import load_task
+from mesh.trainer import Trainer, pick_device
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: PeerConfig) -> int:
+    stop = lifecycle.install_stop_handlers()
+    logger.info("peer config %s", describe(config))
+    metrics.init_build_info("peer")
+
+    # cheap checks first, so a typo costs no DHT start-up
+    task = load_task(config.task) if config.task else None
+    if config.checkpoint_dir is not None:
+        checkpoint.ensure_writable(config.checkpoint_dir)
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    dht = start_dht(config)
+    trainer = keeper = None
+    exit_code = 0
+    try:
+        logger.info("dht joined peer_id=%s addrs=%s", dht.peer_id, ",".join(visible_maddrs(dht)) or "-")
+        record = join_or_create(dht, config.run, config.task, task, config)
+        task = task or load_task(record.task)
+        trainer = Trainer(
+            dht,
+            record,
+            task,
+            device=device,
+            peer_seed=zlib.crc32(str(dht.peer_id).encode()),
+            bf16=config.bf16,
+            checkpoint_dir=config.checkpoint_dir,
+            checkpoint_every=config.checkpoint_every,
+            status_file=config.status_file,
+            client_mode=config.client_mode,
+            fault_nan_step=config.fault_nan_step,
+        )
+        keeper = RecordKeeper(dht, record)
+        keeper.start()
+        if config.metrics_port is not None:
+            httpserve.serve(config.host if config.host != "0.0.0.0" else "0.0.0.0", config.metrics_port, lambda: {
+                "status": "ok", "run_id": record.run_id, "epoch": trainer.opt.local_epoch,
+            })
+        logger.info(
+            "training run=%s task=%s device=%s batch_size=%d target_batch_size=%d compression=%s",
+            record.run_id, record.task, device, record.batch_size, record.target_batch_size, record.compression,
+        )
+        trainer.write_status(state="training")
+        reason = trainer.run(stop, config.max_epochs, config.log_every)
+        trainer.log_progress()
+        logger.info("leaving run=%s reason=%s epoch=%d", record.run_id, reason, trainer.opt.local_epoch)
+    finally:
+        steps = []
+        if keeper is not None:
+            steps.append(("record keeper", keeper.stop))
+        if trainer is not None:
+            steps += [
+                ("checkpoint", trainer.save_checkpoint),
+                ("status", lambda: trainer.write_status(state="left")),
+                ("optimizer", trainer.shutdown),
+            ]
+        steps.append(("dht", dht.shutdown))
+        if not lifecycle.run_steps_with_deadline(steps, config.shutdown_timeout):
+            exit_code = 1
+        lifecycle.kill_descendants()
+        logger.info("peer stopped exit_code=%d", exit_code)
+    return exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover - use `mesh peer`
+    raise SystemExit("run `mesh peer --help`")

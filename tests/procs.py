@@ -1,0 +1,112 @@
+"""Real mesh processes for tests: each in its own process group, reaped (daemons included) at teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class MeshProcess:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    workdir: Path
+    descendants: set[int] = field(default_factory=set)
+
+    @property
+    def status_file(self) -> Path:
+        return self.workdir / f"{self.name}.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.workdir / self.name
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember_descendants(self) -> set[int]:
+        """Record the pids below this process (hivemind helpers, p2pd), to check later that none survive."""
+        try:
+            self.descendants |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+        return self.descendants
+
+    def wait_for(self, predicate, timeout: float, what: str, poll: float = 0.5):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before {what}:\n{self.output()[-3000:]}")
+            time.sleep(poll)
+        raise AssertionError(f"{self.name}: no {what} within {timeout}s:\n{self.output()[-3000:]}")
+
+    def wait_epoch(self, epoch: int, timeout: float = 120.0) -> dict:
+        return self.wait_for(lambda: (s := self.status()) and s.get("epoch", 0) >= epoch and s, timeout, f"epoch {epoch}")
+
+    def load_parameters(self) -> dict[str, torch.Tensor]:
+        state = torch.load(self.checkpoint_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        return state["model"]
+
+
+def spawn(name: str, args: list[str], workdir: Path, env: dict | None = None) -> MeshProcess:
+    log = workdir / f"{name}.log"
+    handle = open(log, "wb")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if not (k.startswith("MESH_") and k not in (env or {}))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", *args],
+        cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+        start_new_session=True,
+    )
+    handle.close()
+    return MeshProcess(name, proc, log, workdir)
+
+
+def reap(process: MeshProcess) -> None:
+    """Kill the process group and every descendant we ever saw."""
+    process.remember_descendants()
+    try:
+        os.killpg(process.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in process.descendants:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        process.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                living.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return living

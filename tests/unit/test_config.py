@@ -1,0 +1,103 @@
+"""Config precedence (flags > MESH_* env > file > defaults) and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh.cli import build_parser, field_docs, load_config
+from mesh.config import BootstrapConfig, PeerConfig, UpConfig, describe, load_file, resolve
+from mesh.errors import ConfigError
+
+
+def test_defaults_when_nothing_is_given() -> None:
+    config = resolve(PeerConfig, {"run": "r"}, env={})
+    assert (config.port, config.device, config.compression, config.join) == (0, "auto", "none", ())
+    assert resolve(BootstrapConfig, {}, env={}).port == 31337
+
+
+def test_precedence_flags_over_env_over_file_over_defaults() -> None:
+    file = {"matchmaking_time": 7.0, "lr": 0.5, "batch_size": 8, "run": "from-file"}
+    env = {"MESH_LR": "0.25", "MESH_BATCH_SIZE": "4"}
+    config = resolve(PeerConfig, {"batch_size": "2"}, env=env, file=file)
+    assert config.batch_size == 2  # flag
+    assert config.lr == 0.25  # env beats file
+    assert config.matchmaking_time == 7.0  # file beats default
+    assert config.run == "from-file"
+    assert config.averaging_timeout == 30.0  # default
+
+
+def test_env_types_are_coerced() -> None:
+    env = {"MESH_RUN": "r", "MESH_CLIENT_MODE": "true", "MESH_JOIN": "/a,/b", "MESH_CHECKPOINT_DIR": "/tmp/x", "MESH_MAX_EPOCHS": "3"}
+    config = resolve(PeerConfig, {}, env=env)
+    assert config.client_mode is True
+    assert config.join == ("/a", "/b")
+    assert config.checkpoint_dir == Path("/tmp/x")
+    assert config.max_epochs == 3
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"run": "r", "port": "70000"}, "--port must be between 0 and 65535"),
+        ({"run": "r", "port": "abc"}, "--port must be int"),
+        ({"run": "r", "compression": "zip"}, "--compression must be one of none, fp16, 8bit"),
+        ({"run": "r", "device": "tpu"}, "--device must be one of auto, cpu, cuda"),
+        ({"run": "r", "lr": "-1"}, "--lr must be > 0"),
+        ({"run": "r", "client_mode": "maybe"}, "--client-mode must be bool"),
+        ({"run": "bad id!"}, "invalid run id 'bad id!'"),
+        ({}, "--run is required"),
+        ({"run": "r", "log_format": "xml"}, "--log-format must be one of text, json"),
+    ],
+)
+def test_invalid_values_name_the_flag(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        resolve(PeerConfig, flags, env={})
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="MESH_PORT must be int"):
+        resolve(PeerConfig, {"run": "r"}, env={"MESH_PORT": "eighty"})
+
+
+def test_config_file_toml_sections_and_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.toml"
+    path.write_text('lr = 0.1\nrun = "r"\n[peer]\nlr = 0.2\n[bootstrap]\nport = 4000\n')
+    assert resolve(PeerConfig, {}, env={}, file=load_file(path, "peer")).lr == 0.2
+    assert resolve(BootstrapConfig, {}, env={}, file={"port": 4000}).port == 4000
+    path.write_text('run = "r"\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError, match="unknown setting.*learning_rate"):
+        resolve(PeerConfig, {}, env={}, file=load_file(path, "peer"))
+
+
+def test_config_file_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_file(tmp_path / "missing.toml", "peer")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("lr = = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_file(broken, "peer")
+
+
+def test_cli_flags_reach_the_config_and_join_repeats(monkeypatch) -> None:
+    monkeypatch.delenv("MESH_CONFIG", raising=False)
+    args = build_parser().parse_args(["peer", "--run", "r", "--join", "/a", "--join", "/b", "--no-client-mode", "--lr", "0.3"])
+    config = load_config("peer", args)
+    assert config.join == ("/a", "/b") and config.client_mode is False and config.lr == 0.3
+
+
+def test_every_field_has_a_flag_with_help_naming_its_env_var() -> None:
+    parser = build_parser()
+    for command, cls in [("peer", PeerConfig), ("bootstrap", BootstrapConfig), ("up", UpConfig)]:
+        sub = parser._subparsers._group_actions[0].choices[command]
+        helps = {a.dest: a.help for a in sub._actions}
+        docs = field_docs(cls)
+        for name in cls.__dataclass_fields__:
+            assert f"MESH_{name.upper()}" in helps[name]
+            assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
+
+
+def test_describe_lists_every_setting() -> None:
+    line = describe(resolve(PeerConfig, {"run": "r", "join": ("/a",)}, env={}))
+    assert "run=r" in line and "join=/a" in line and "compression=none" in line

@@ -1,0 +1,88 @@
+"""The run record's schema (as hivemind's DHT validator enforces it) and the parameter fingerprint."""
+
+from __future__ import annotations
+
+import pydantic.v1 as pydantic
+import pytest
+import torch
+from hivemind.dht.crypto import DHTRecord
+from hivemind.dht.routing import DHTID
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from mesh.records import RUN_RECORD_VALIDATOR, RUNS_KEY, RunRecord, fingerprint, make_record, parse_records
+
+HYPER = dict(
+    batch_size=16, target_batch_size=64, optimizer="sgd", lr=0.1, averaging="gradients", compression="none",
+    matchmaking_time=2, averaging_timeout=30, seed=0,
+)
+
+
+def _record(**overrides) -> RunRecord:
+    return make_record("run-1", "regression", "0123456789abcdef", **{**HYPER, **overrides})
+
+
+def _dht_record(subkey: str, value: dict) -> DHTRecord:
+    return DHTRecord(
+        key=DHTID.generate(source=RUNS_KEY).to_bytes(),
+        subkey=DHTID.generate(source=subkey).to_bytes() if False else MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps(value),
+        expiration_time=get_dht_time() + 60,
+    )
+
+
+def test_make_record_coerces_numbers_to_the_strict_types() -> None:
+    record = _record()
+    assert isinstance(record.matchmaking_time, float) and isinstance(record.lr, float)
+    assert RunRecord.parse_obj(record.dict()) == record
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("optimizer", "lamb"), ("compression", "zip"), ("averaging", "gossip"), ("batch_size", 0), ("lr", 0.0),
+     ("run_id", "bad id"), ("fingerprint", "xyz"), ("target_batch_size", 8)],
+)
+def test_schema_rejects_bad_fields(field: str, value) -> None:
+    data = {**_record().dict(), field: value}
+    with pytest.raises(pydantic.ValidationError):
+        RunRecord.parse_obj(data)
+
+
+def test_schema_rejects_unknown_fields_and_loose_types() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        RunRecord.parse_obj({**_record().dict(), "extra": 1})
+    with pytest.raises(pydantic.ValidationError):
+        RunRecord.parse_obj({**_record().dict(), "batch_size": "16"})
+
+
+def test_dht_validator_accepts_good_and_refuses_bad_records() -> None:
+    good = _record().dict()
+    assert RUN_RECORD_VALIDATOR.validate(_dht_record("run-1", good))
+    assert not RUN_RECORD_VALIDATOR.validate(_dht_record("run-1", {**good, "lr": "fast"}))
+    assert not RUN_RECORD_VALIDATOR.validate(_dht_record("run-1", {"hello": "world"}))
+
+
+class _Item:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def test_parse_records_drops_and_counts_invalid_entries() -> None:
+    import mesh.records as records
+
+    before = records.invalid_records_dropped
+    raw = _Item({"run-1": _Item(_record().dict()), "run-2": _Item({"junk": True}), "other": _Item(_record().dict())})
+    parsed = parse_records(raw)
+    assert list(parsed) == ["run-1"]  # "other" holds run-1's record under the wrong subkey
+    assert records.invalid_records_dropped == before + 2
+    assert parse_records(None) == {}
+
+
+def test_fingerprint_depends_on_shapes_not_values() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    torch.manual_seed(1)
+    b = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    c = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(c)
+    assert len(fingerprint(a)) == 16 and int(fingerprint(a), 16) >= 0
