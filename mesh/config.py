@@ -165,6 +165,10 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Epochs between checkpoints (one is always written on exit)."""
     max_epochs: int | None = None
     """Leave the run after reaching this global epoch."""
+    min_peers: int = 1
+    """Before the first step, wait until this many peers (this one included) train the run."""
+    min_peers_timeout: float = 300.0
+    """Seconds to wait for --min-peers; then training starts with whoever is there."""
     status_file: Path | None = None
     """Write a JSON progress snapshot here after every epoch (read by ``mesh up``)."""
     metrics_port: int | None = None
@@ -173,6 +177,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Seconds between progress log lines."""
     shutdown_timeout: float = 20.0
     """Seconds a graceful leave may take before the peer exits anyway."""
+    min_step_time: float | None = None
+    """Testing aid: each local step takes at least this many seconds (stands in for a slower model or device)."""
     fault_nan_step: int | None = None
     """Testing aid: make the local gradient NaN at this local step (it must be skipped, never sent)."""
 
@@ -186,6 +192,9 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
         _check_choice("device", self.device, DEVICES)
         _check_positive("checkpoint_every", self.checkpoint_every)
         _check_positive("threads", self.threads)
+        _check_positive("min_peers", self.min_peers)
+        _check_positive("min_step_time", self.min_step_time)
+        _check_positive("min_peers_timeout", self.min_peers_timeout)
         _check_positive("max_epochs", self.max_epochs)
         _check_positive("log_every", self.log_every)
         _check_positive("shutdown_timeout", self.shutdown_timeout)

@@ -17,8 +17,14 @@ logger = logging.getLogger(__name__)
 def install_stop_handlers(stop: threading.Event | None = None) -> threading.Event:
     """SIGTERM/SIGINT set ``stop``; a second signal while stopping exits at once (code 130)."""
     stop = stop or threading.Event()
+    owner = os.getpid()
 
     def handle(signum: int, _frame) -> None:
+        if os.getpid() != owner:
+            # a forked helper (hivemind's DHT and averagers fork) inherited this handler: behave as if it had none
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if stop.is_set():
             logger.warning("second signal=%s, exiting now", signal.Signals(signum).name)
             kill_descendants()
@@ -31,10 +37,22 @@ def install_stop_handlers(stop: threading.Event | None = None) -> threading.Even
     return stop
 
 
+# torch's shared-memory manager exits by itself once its clients are gone; killing it under a live client makes
+# the client abort at exit ("terminate called after throwing ... Broken pipe").
+_SPARE = ("torch_shm_manager",)
+
+
+def _spared(process: psutil.Process) -> bool:
+    try:
+        return process.name() in _SPARE or any(name in " ".join(process.cmdline()) for name in _SPARE)
+    except psutil.Error:
+        return True
+
+
 def kill_descendants(pid: int | None = None, timeout: float = 3.0) -> int:
     """Terminate, then kill, every process below ``pid`` (hivemind's helpers and libp2p daemons)."""
     try:
-        children = psutil.Process(pid or os.getpid()).children(recursive=True)
+        children = [c for c in psutil.Process(pid or os.getpid()).children(recursive=True) if not _spared(c)]
     except psutil.NoSuchProcess:
         return 0
     for child in children:

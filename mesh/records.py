@@ -70,11 +70,28 @@ class RunRecord(pydantic.BaseModel):
         return value
 
 
-class _RunsSchema(pydantic.BaseModel):
+class PeerPresence(pydantic.BaseModel):
+    """A live peer's short-lived announcement: which run it trains and how far it is. Subkey: its peer id."""
+
+    run_id: pydantic.constr(strict=True, regex=RUN_ID_PATTERN.pattern)
+    epoch: pydantic.conint(strict=True, ge=0)
+    samples_per_second: pydantic.confloat(strict=True, ge=0)
+    loss: pydantic.StrictFloat | None = None
+    device: pydantic.StrictStr = ""
+    time: pydantic.StrictFloat
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class _MeshSchema(pydantic.BaseModel):
     mesh_runs: dict[pydantic.StrictStr, RunRecord]
+    mesh_peers: dict[pydantic.StrictStr, PeerPresence]
 
 
-RUN_RECORD_VALIDATOR = SchemaValidator(_RunsSchema, allow_extra_keys=True)
+RUN_RECORD_VALIDATOR = SchemaValidator(_MeshSchema, allow_extra_keys=True)
+PEERS_KEY = "mesh_peers"
+PRESENCE_TTL = 20.0  # seconds; live peers refresh every PRESENCE_TTL / 4
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -142,3 +159,26 @@ def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0) -> R
         if attempt + 1 < attempts:
             time.sleep(delay)
     return None
+
+
+def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = PRESENCE_TTL) -> bool:
+    return bool(dht.store(PEERS_KEY, subkey=peer_id, value=presence.dict(), expiration_time=get_dht_time() + ttl))
+
+
+def fetch_peers(dht: DHT, run_id: str | None = None) -> dict[str, PeerPresence]:
+    """Live peers (by peer id) announced in the DHT, optionally only those of one run; malformed entries dropped."""
+    global invalid_records_dropped
+    raw = dht.get(PEERS_KEY, latest=True)
+    peers: dict[str, PeerPresence] = {}
+    if raw is None or not isinstance(getattr(raw, "value", None), dict):
+        return peers
+    for subkey, item in raw.value.items():
+        try:
+            presence = PeerPresence.parse_obj(item.value)
+        except (pydantic.ValidationError, TypeError) as err:
+            invalid_records_dropped += 1
+            logger.warning("dropped invalid peer record subkey=%r error=%s", subkey, str(err).replace("\n", " "))
+            continue
+        if run_id is None or presence.run_id == run_id:
+            peers[str(subkey)] = presence
+    return peers

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from typing import Callable
 
 import torch
 from hivemind import DHT
 
 from mesh.config import RunDefaults
 from mesh.errors import RunError
-from mesh.records import RECORD_TTL, RunRecord, fetch_run, fingerprint, make_record, publish_run
-from mesh.tasks import Task
+from mesh.records import (
+    PRESENCE_TTL,
+    RECORD_TTL,
+    PeerPresence,
+    RunRecord,
+    announce_peer,
+    fetch_run,
+    fingerprint,
+    make_record,
+    publish_run,
+)
+from mesh.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +78,26 @@ def join_or_create(dht: DHT, run_id: str, task_spec: str | None, task: Task | No
 
 
 class RecordKeeper(threading.Thread):
-    """Re-publishes the run's record while this peer lives, so the run outlives its creator."""
+    """While this peer lives: announces it (every few seconds) and re-publishes the run's record, so the run
+    outlives its creator and others can count who trains it."""
 
-    def __init__(self, dht: DHT, record: RunRecord, period: float = RECORD_TTL / 3) -> None:
+    def __init__(self, dht: DHT, record: RunRecord, presence: Callable[[], PeerPresence]) -> None:
         super().__init__(name="record-keeper", daemon=True)
-        self.dht, self.record, self.period = dht, record, period
+        self.dht, self.record, self.presence = dht, record, presence
+        self.peer_id = str(dht.peer_id)
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.period):
+        next_record = 0.0
+        while not self.stopped.is_set():
             try:
-                publish_run(self.dht, self.record)
+                announce_peer(self.dht, self.peer_id, self.presence())
+                if time.monotonic() >= next_record:
+                    publish_run(self.dht, self.record)
+                    next_record = time.monotonic() + RECORD_TTL / 3
             except Exception as err:  # a DHT hiccup must not stop training
-                logger.warning("could not refresh run record run=%s error=%s", self.record.run_id, err)
+                logger.warning("could not refresh dht records run=%s error=%s", self.record.run_id, err)
+            self.stopped.wait(PRESENCE_TTL / 4)
 
     def stop(self) -> None:
         self.stopped.set()

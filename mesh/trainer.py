@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -25,8 +26,8 @@ from hivemind.compression import Float16Compression, NoCompression, SizeAdaptive
 
 from mesh import checkpoint, metrics
 from mesh.errors import ConfigError, RunError
-from mesh.records import RunRecord, fingerprint
-from mesh.tasks import Batch, Task
+from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
+from mesh.tasks.base import Batch, Task
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +159,11 @@ class Trainer:
         status_file: Path | None = None,
         client_mode: bool = False,
         fault_nan_step: int | None = None,
+        min_step_time: float | None = None,
     ) -> None:
         self.record, self.task, self.device = record, task, device
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
-        self.status_file, self.fault_nan_step = status_file, fault_nan_step
+        self.status_file, self.fault_nan_step, self.min_step_time = status_file, fault_nan_step, min_step_time
         self.peer_id = str(dht.peer_id)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -242,6 +244,8 @@ class Trainer:
             metrics.nonfinite_skips.inc()
             logger.warning("dropped non-finite gradient step=%d epoch=%d", self.progress.local_steps, self.opt.local_epoch)
             return
+        if self.min_step_time is not None:
+            time.sleep(max(0.0, self.min_step_time - (time.perf_counter() - started)))
         self.opt.step(batch_size=self.record.batch_size)
         self.opt.zero_grad()
         self.progress._epoch_losses.append(loss.item())  # CPU-GPU sync point, once per step
@@ -279,6 +283,27 @@ class Trainer:
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.status_file)
+
+    def presence(self) -> PeerPresence:
+        p = self.progress
+        return PeerPresence(
+            run_id=self.record.run_id, epoch=int(p.epoch), samples_per_second=float(p.global_samples_per_second),
+            loss=None if math.isnan(p.loss) else float(p.loss), device=str(self.device), time=time.time(),
+        )
+
+    def wait_for_peers(self, count: int, timeout: float, stop: threading.Event) -> int:
+        """Block until ``count`` peers announce this run (or ``timeout``/``stop``); returns how many were seen.
+        Needs the RecordKeeper running: it announces this peer too."""
+        deadline, seen = time.monotonic() + timeout, 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen = len(fetch_peers(self.opt.dht, self.record.run_id))
+            if seen >= count:
+                logger.info("peers ready peers=%d", seen)
+                return seen
+            stop.wait(0.5)
+        if not stop.is_set():
+            logger.warning("only %d of %d peers after %.0fs; training with them", seen, count, timeout)
+        return seen
 
     def parameters_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())

@@ -54,8 +54,9 @@ def run(config: PeerConfig) -> int:
             status_file=config.status_file,
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,
+            min_step_time=config.min_step_time,
         )
-        keeper = RecordKeeper(dht, record)
+        keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
         if config.metrics_port is not None:
             httpserve.serve(config.host if config.host != "0.0.0.0" else "0.0.0.0", config.metrics_port, lambda: {
@@ -65,6 +66,9 @@ def run(config: PeerConfig) -> int:
             "training run=%s task=%s device=%s batch_size=%d target_batch_size=%d compression=%s",
             record.run_id, record.task, device, record.batch_size, record.target_batch_size, record.compression,
         )
+        if config.min_peers > 1:
+            trainer.write_status(state="waiting")
+            trainer.wait_for_peers(config.min_peers, config.min_peers_timeout, stop)
         trainer.write_status(state="training")
         reason = trainer.run(stop, config.max_epochs, config.log_every)
         trainer.log_progress()

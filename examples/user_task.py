@@ -1,0 +1,63 @@
+"""An example user task: a linear classifier on synthetic, linearly separable data.
+
+Run it from the repository root (or put this module anywhere importable)::
+
+    mesh peer --task examples.user_task:make_task
+
+A task is a ``mesh.tasks.Task`` returned by a function called with no arguments. It needs:
+
+- ``make_model()``: a fresh ``torch.nn.Module``; the trainer calls it under ``torch.manual_seed(run_seed)`` so every
+  peer starts from the same weights, so draw initial weights from the global RNG (as ``torch.nn`` layers do).
+- ``make_batches(batch_size, seed)``: an endless iterator of batches (a tensor, or a tuple/list/dict of tensors);
+  each peer passes its own seed, so use a ``torch.Generator`` seeded with it, not the global RNG.
+- ``loss(model, batch)``: a scalar tensor; the trainer calls ``.backward()`` on it.
+- ``defaults`` (optional): ``optimizer``, ``lr``, ``batch_size``, ``target_batch_size`` used when the run is
+  created without them.
+
+Every peer of a run must load the same task (the run's config records its name).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mesh.tasks import Task
+
+N_FEATURES = 8
+N_CLASSES = 3
+_BOUNDARY_SEED = 7  # the true class boundaries are a fixed part of the task, the same on every peer
+
+
+def _true_weights() -> torch.Tensor:
+    return torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(_BOUNDARY_SEED))
+
+
+def make_model() -> torch.nn.Module:
+    return torch.nn.Linear(N_FEATURES, N_CLASSES)
+
+
+def make_batches(batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    weights = _true_weights()
+    while True:
+        x = torch.randn(batch_size, N_FEATURES, generator=gen)
+        yield x, (x @ weights.T).argmax(dim=1)
+
+
+def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def make_task() -> Task:
+    return Task(
+        name="example-linear-classifier",
+        make_model=make_model,
+        make_batches=make_batches,
+        loss=loss,
+        description=f"linear classifier, {N_FEATURES} features -> {N_CLASSES} classes, synthetic separable data",
+        defaults={"optimizer": "sgd", "lr": 0.5, "batch_size": 32, "target_batch_size": 128},
+    )

@@ -1,0 +1,135 @@
+"""Real peers on 127.0.0.1 training the regression task: agreement, learning, late joiners, crashes, NaNs.
+
+References: the parameters of every peer must equal each other (``assert_close``); the loss is compared with a
+single-process run of plain SGD that takes the same number of optimizer steps on the same global batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.conftest import peer_args
+from tests.procs import MeshProcess, alive
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 5
+
+
+def wait_exit(process: MeshProcess, timeout: float) -> int:
+    try:
+        return process.proc.wait(timeout)
+    except Exception:
+        raise AssertionError(f"{process.name} still running after {timeout}s:\n{process.output()[-3000:]}")
+
+
+def assert_same_parameters(*processes: MeshProcess) -> dict[str, torch.Tensor]:
+    reference = processes[0].load_parameters()
+    for tensor in reference.values():
+        assert torch.isfinite(tensor).all()
+    for other in processes[1:]:
+        assert_close(other.load_parameters(), reference, rtol=1e-5, atol=1e-6)
+    return reference
+
+
+def eval_loss(parameters: dict[str, torch.Tensor]) -> float:
+    from mesh.tasks import load_task
+
+    task = load_task("regression")
+    model = task.make_model()
+    model.load_state_dict(parameters)
+    batch = next(task.make_batches(4096, 12345))
+    with torch.no_grad():
+        return float(task.loss(model, batch))
+
+
+def reference_eval_loss(steps: int, seed: int) -> float:
+    """Plain single-process SGD: ``steps`` steps on batches of the run's global batch size."""
+    from mesh.tasks import load_task
+
+    task = load_task("regression")
+    torch.manual_seed(0)  # the run's seed: the mesh's peers start from these parameters too
+    model = task.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=task.defaults["lr"])
+    batches = task.make_batches(task.defaults["target_batch_size"], seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(model, next(batches)).backward()
+        opt.step()
+    return eval_loss(model.state_dict())
+
+
+def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(EPOCHS), "--min-peers", "2")) for n in ("a", "b")]
+    for peer in peers:
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    final = assert_same_parameters(*peers)
+    for peer in peers:
+        status = peer.status()
+        assert status["epoch"] == EPOCHS and status["state"] == "left"
+        assert status["rounds"]["ok"] >= 1, status  # at least one round really averaged with the other peer
+
+    # Threshold: the mesh takes EPOCHS optimizer steps on averaged gradients of >= target_batch_size samples, the
+    # same as single-process SGD with that batch; only the samples drawn differ. So the mesh must do no worse than
+    # the worst of several single-process runs with different data, with a 1.5x margin for sampling noise.
+    references = [reference_eval_loss(EPOCHS, seed) for seed in range(5)]
+    start = reference_eval_loss(0, 0)
+    assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), references)
+    assert eval_loss(final) < 0.5 * start
+
+
+def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    total = 8
+    early = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(total), "--min-peers", "2")) for n in ("a", "b")]
+    early[0].wait_epoch(3, timeout=150)
+    late = mesh_procs("c", *peer_args(bootstrap, "c", tmp_path, "--max-epochs", str(total)))
+    for peer in [*early, late]:
+        assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
+    assert late.status()["state_downloads"] >= 1, late.output()[-3000:]
+    assert_same_parameters(*early, late)
+
+
+def test_survivors_keep_training_after_a_peer_is_killed(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    total = 7
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(total), "--min-peers", "3")) for n in ("a", "b", "c")]
+    killed_at = peers[2].wait_epoch(2, timeout=180)["epoch"]
+    peers[2].remember_descendants()
+    os.killpg(peers[2].proc.pid, signal.SIGKILL)
+    survivors = peers[:2]
+    for peer in survivors:
+        assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
+        assert peer.status()["epoch"] == total > killed_at + 2
+    assert_same_parameters(*survivors)
+
+
+def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--shutdown-timeout", "15"))
+    peer.wait_epoch(1, timeout=120)
+    helpers = peer.remember_descendants()
+    assert any("p2pd" in (p := Path(f"/proc/{pid}/cmdline")).read_text(errors="ignore") for pid in helpers if p.exists())
+    started = time.monotonic()
+    peer.proc.send_signal(signal.SIGTERM)
+    assert wait_exit(peer, 30) == 0, peer.output()[-3000:]
+    assert time.monotonic() - started < 20
+    time.sleep(0.5)
+    assert alive(helpers) == set(), "helper processes or the libp2p daemon survived the peer"
+    assert peer.status()["state"] == "left"
+    assert (peer.checkpoint_dir / "checkpoint.pt").exists()
+
+
+def test_nan_gradient_is_never_sent_nor_applied(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    faulty = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "3", "--fault-nan-step", "3", "--min-peers", "2"))
+    healthy = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--max-epochs", "3", "--min-peers", "2"))
+    for peer in (faulty, healthy):
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    assert faulty.status()["nonfinite_skips"] == 1
+    assert healthy.status()["nonfinite_skips"] == 0
+    assert "dropped non-finite gradient step=3" in faulty.output()
+    assert_same_parameters(faulty, healthy)  # includes: every parameter is finite on both peers
