@@ -113,6 +113,11 @@ class MeshOptimizer(hivemind.Optimizer):
         if outcome == "failed":
             logger.warning("averaging round failed epoch=%d; stepped with the local gradient", self.local_epoch)
 
+    def refresh_progress(self) -> None:
+        """Ask the progress tracker to re-read the swarm's progress from the DHT now, not on its own schedule."""
+        self.tracker.global_progress.next_fetch_time = 0.0
+        self.tracker.global_state_updated.set()
+
     def load_state_from_peers(self, **kwargs) -> None:
         started = time.perf_counter()
         super().load_state_from_peers(**kwargs)
@@ -189,6 +194,11 @@ class Trainer:
             use_local_updates=record.averaging == "local",
             grad_compression=compression,
             state_averaging_compression=compression,
+            # Average parameters synchronously right after every epoch's step: a peer whose gradient round failed
+            # (and so stepped with its local gradient) is pulled back to its group's mean at once, instead of
+            # drifting until a delayed round lands. Costs one extra all-reduce of the parameters per epoch.
+            delay_state_averaging=False,
+            average_state_every=1,
             client_mode=client_mode,
             verbose=False,
         )
@@ -298,9 +308,20 @@ class Trainer:
         while not stop.is_set() and time.monotonic() < deadline:
             seen = len(fetch_peers(self.opt.dht, self.record.run_id))
             if seen >= count:
-                logger.info("peers ready peers=%d", seen)
-                return seen
+                break
             stop.wait(0.5)
+        # hivemind's progress tracker counts a peer only once it has reported samples, and refreshes on its own
+        # schedule (seconds); left alone, a fast peer would finish its first epoch before it sees the others.
+        # So: take one step (which reports), then refresh the tracker until it counts everyone.
+        if seen >= count and not stop.is_set():
+            self.step()
+            while not stop.is_set() and time.monotonic() < deadline:
+                self.opt.refresh_progress()
+                seen = self.opt.tracker.global_progress.num_peers
+                if seen >= count:
+                    logger.info("peers ready peers=%d", seen)
+                    return seen
+                stop.wait(0.25)
         if not stop.is_set():
             logger.warning("only %d of %d peers after %.0fs; training with them", seen, count, timeout)
         return seen

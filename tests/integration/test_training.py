@@ -86,9 +86,9 @@ def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_pr
 
 
 def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
-    total = 8
+    total = 12
     early = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(total), "--min-peers", "2")) for n in ("a", "b")]
-    early[0].wait_epoch(3, timeout=150)
+    early[0].wait_epoch(2, timeout=150)
     late = mesh_procs("c", *peer_args(bootstrap, "c", tmp_path, "--max-epochs", str(total)))
     for peer in [*early, late]:
         assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
@@ -113,13 +113,17 @@ def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, me
     peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--shutdown-timeout", "15"))
     peer.wait_epoch(1, timeout=120)
     helpers = peer.remember_descendants()
-    assert any("p2pd" in (p := Path(f"/proc/{pid}/cmdline")).read_text(errors="ignore") for pid in helpers if p.exists())
+    commands = [Path(f"/proc/{pid}/cmdline").read_text(errors="ignore") for pid in helpers if Path(f"/proc/{pid}").exists()]
+    assert any("p2pd" in command for command in commands), commands
     started = time.monotonic()
     peer.proc.send_signal(signal.SIGTERM)
     assert wait_exit(peer, 30) == 0, peer.output()[-3000:]
     assert time.monotonic() - started < 20
-    time.sleep(0.5)
-    assert alive(helpers) == set(), "helper processes or the libp2p daemon survived the peer"
+    deadline = time.monotonic() + 10
+    while alive(helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = {pid: Path(f"/proc/{pid}/cmdline").read_text(errors="ignore") for pid in alive(helpers)}
+    assert survivors == {}, f"helper processes or the libp2p daemon survived the peer: {survivors}"
     assert peer.status()["state"] == "left"
     assert (peer.checkpoint_dir / "checkpoint.pt").exists()
 
