@@ -95,6 +95,7 @@ def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT
             bootstrap_timeout=min(5.0, config.join_timeout),
             ensure_bootstrap_success=require_join,
             startup_timeout=config.join_timeout,
+            shutdown_timeout=2.0,
         )
     except Exception as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

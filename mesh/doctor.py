@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from functools import partial
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.p2p import PeerID
@@ -26,11 +27,52 @@ def _address_kind(maddr: str) -> str:
     return "loopback" if ip.is_loopback else "private" if ip.is_private else "public"
 
 
-async def _ping_back(_dht, node, peer_id: PeerID, timeout: float):
+async def _ping_back(_dht, node, *, peer_id: PeerID, timeout: float):
     """Ask a DHT peer to ping us back: ``available`` tells whether it can open a connection to this host."""
     protocol: DHTProtocol = node.protocol
     request = dht_pb2.PingRequest(peer=protocol.node_info, validate=True)
-    return await protocol.get_stub(peer_id).rpc_ping(request, timeout=timeout)
+    response = await protocol.get_stub(peer_id).rpc_ping(request, timeout=timeout)
+    # plain values: the result crosses a process boundary, and protobuf messages do not pickle
+    return bool(response.peer.node_id), float(response.dht_time), bool(response.available)
+
+
+def _check_bootstrap(config: DoctorConfig, maddr) -> int:
+    """Join through one address, then ask that peer to connect back to us. Returns the number of failures."""
+    joined = NetworkConfig(
+        join=(str(maddr),), host=config.host, port=config.port, announce=config.announce, join_timeout=config.join_timeout
+    )
+    try:
+        dht = start_dht(joined, require_join=False)
+    except MeshError:
+        _say("FAIL", f"the bootstrap at {maddr} does not answer within {config.join_timeout:g}s; is it running, and is its port open?")
+        return 1
+    try:
+        peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
+        sent = time.monotonic()
+        try:
+            future = dht.run_coroutine(partial(_ping_back, peer_id=peer_id, timeout=config.join_timeout), return_future=True)
+            answered, remote_time, available = future.result(config.join_timeout + 5)
+        except Exception as err:
+            _say("FAIL", f"the bootstrap at {maddr} does not answer ({type(err).__name__}: {err}); is it running, and is its port open?")
+            return 1
+        if not answered:
+            _say("FAIL", f"the bootstrap at {maddr} does not answer; is it running, and is its port open?")
+            return 1
+        _say("ok", f"the bootstrap answers ({(time.monotonic() - sent) * 1000:.0f} ms round trip)")
+        skew = abs(remote_time - time.time()) if remote_time else 0.0
+        if skew > 5:
+            _say("warn", f"clocks differ by {skew:.0f}s from the bootstrap: sync this host's clock (NTP)")
+        if available:
+            _say("ok", "this host is reachable from the bootstrap: it can be a full peer")
+        else:
+            _say(
+                "warn",
+                "the bootstrap cannot connect back to this host: forward the port and pass --announce "
+                "/ip4/PUBLIC_IP/tcp/PORT, or join with --client-mode (relays carry the traffic)",
+            )
+        return 0
+    finally:
+        dht.shutdown()
 
 
 def run(config: DoctorConfig) -> int:
@@ -47,48 +89,25 @@ def run(config: DoctorConfig) -> int:
         return 1
 
     started = time.monotonic()
-    local = NetworkConfig(
-        join=config.join, host=config.host, port=config.port, announce=config.announce, join_timeout=config.join_timeout
-    )
+    alone = NetworkConfig(host=config.host, port=config.port, announce=config.announce, join_timeout=config.join_timeout)
     try:
-        dht = start_dht(local, require_join=False)
+        probe = start_dht(alone, require_join=False)
     except MeshError as err:
         _say("FAIL", f"the libp2p daemon did not start: {err}")
         return 1
-    try:
-        _say("ok", f"the libp2p daemon starts ({time.monotonic() - started:.1f}s), peer id {dht.peer_id}")
-        addrs = visible_maddrs(dht)
-        kinds = {_address_kind(a) for a in addrs}
-        _say("ok", f"listening on {', '.join(addrs) or 'nothing'}")
-        if not targets:
-            _say("warn", "no --join given: only local checks were run")
-        for maddr in targets:
-            peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
-            try:
-                sent = time.monotonic()
-                response = dht.run_coroutine(lambda d, n: _ping_back(d, n, peer_id, config.join_timeout))
-                rtt = (time.monotonic() - sent) * 1000
-            except Exception as err:
-                _say("FAIL", f"the bootstrap at {maddr} does not answer ({type(err).__name__}: {err}); is it running, and is its port open?")
-                failures += 1
-                continue
-            _say("ok", f"the bootstrap answers ({rtt:.0f} ms round trip)")
-            skew = abs(response.dht_time - time.time()) if response.dht_time else 0.0
-            if skew > 5:
-                _say("warn", f"clocks differ by {skew:.0f}s from the bootstrap: sync this host's clock (NTP)")
-            if response.available:
-                _say("ok", "this host is reachable from the bootstrap: it can be a full peer")
-            else:
-                _say(
-                    "warn",
-                    "the bootstrap cannot connect back to this host: forward the port and pass --announce "
-                    "/ip4/PUBLIC_IP/tcp/PORT, or join with --client-mode (relays carry the traffic)",
-                )
-        if kinds <= {"loopback"}:
-            _say("warn", "only loopback addresses are visible: other machines cannot reach this host (use --host 0.0.0.0)")
-        elif "public" not in kinds and not config.announce:
-            _say("warn", "no public address is visible: peers outside this network need --announce or --client-mode")
-    finally:
-        dht.shutdown()
+    _say("ok", f"the libp2p daemon starts ({time.monotonic() - started:.1f}s), peer id {probe.peer_id}")
+    addrs = visible_maddrs(probe)
+    kinds = {_address_kind(a) for a in addrs}
+    _say("ok", f"listening on {', '.join(addrs) or 'nothing'}")
+    probe.shutdown()
+
+    if not targets:
+        _say("warn", "no --join given: only local checks were run")
+    for maddr in targets:
+        failures += _check_bootstrap(config, maddr)
+    if kinds <= {"loopback"}:
+        _say("warn", "only loopback addresses are visible: other machines cannot reach this host (use --host 0.0.0.0)")
+    elif "public" not in kinds and not config.announce:
+        _say("warn", "no public address is visible: peers outside this network need --announce or --client-mode")
     _say("ok" if not failures else "FAIL", "all checks passed" if not failures else f"{failures} check(s) failed")
     return 0 if not failures else 1

@@ -21,6 +21,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+# Messages hivemind's background tasks produce when they are cancelled at shutdown or between rounds: expected,
+# harmless, and alarming to read ("Task was destroyed but it is pending!"). Shown at --log-level debug.
+_CANCELLATION_NOISE = (
+    "Task was destroyed but it is pending",
+    "Exception in <Task cancelling",
+    "aclose(): asynchronous generator is already running",
+    "Task exception was never retrieved",
+    "It is recommended to use request_timeout smaller than min_matchmaking_time",
+)
+
+
+class _DropCancellationNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == "asyncio" or record.name.startswith("hivemind")):
+            return True
+        message = record.getMessage()
+        return not any(noise in message for noise in _CANCELLATION_NOISE)
+
+
 def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -28,11 +47,13 @@ def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
     else:
         prefix = f"{role} " if role else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if level.lower() != "debug":
+        handler.addFilter(_DropCancellationNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # hivemind is chatty at INFO (every matchmaking step); route it through our handler, one level quieter
     from hivemind.utils import logging as hm_logging
 
-    hm_logging.use_hivemind_log_handler("in_root_logger")
+    hm_logging.use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel("DEBUG" if level.lower() == "debug" else "WARNING")

@@ -97,6 +97,7 @@ def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: 
     args = [
         "peer", "--join", join, "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
         "--device", config.device, "--threads", str(threads), "--log-level", config.log_level,
+        "--min-peers", str(config.peers),
         "--status-file", str(workdir / f"peer-{index}.json"),
         "--checkpoint-dir", str(workdir / f"peer-{index}"),
         "--identity", str(workdir / f"peer-{index}.key"),
