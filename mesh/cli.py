@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, _target, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("--config", dest="config_file", default=None, metavar="FILE", help="TOML or JSON settings file [env MESH_CONFIG]")
+        command.add_argument(
+            "--config", dest="config_file", default=None, metavar="FILE", help="TOML or JSON settings file [env MESH_CONFIG]"
+        )
         add_config_flags(command, cls)
     return parser
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Sequence
 
 from hivemind import DHT
 from hivemind.p2p import PeerID
@@ -81,7 +80,10 @@ def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT
     if not config.client_mode:
         check_port_free(config.host, config.port)
     require_join = bool(initial_peers) if require_join is None else require_join
-    logger.info("starting dht host=%s port=%d join=%s client_mode=%s", config.host, config.port, ",".join(initial_peers) or "-", config.client_mode)
+    logger.info(
+        "starting dht host=%s port=%d join=%s client_mode=%s",
+        config.host, config.port, ",".join(initial_peers) or "-", config.client_mode,
+    )
     try:
         dht = DHT(
             initial_peers=initial_peers,

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +145,11 @@ class View:
             rate = max((s.get("global_samples_per_second", 0.0) for _, s, _ in statuses if s), default=0.0)
             group = max((s.get("last_group_size", 0) for _, s, _ in statuses if s), default=0)
             alive = sum(1 for _, _, a in statuses if a)
-            print(f"epoch={epoch} loss={loss:.4f} global_samples_per_second={rate:.1f} last_group={group} peers_running={alive}", file=self.stream, flush=True)
+            print(
+                f"epoch={epoch} loss={loss:.4f} global_samples_per_second={rate:.1f} last_group={group} peers_running={alive}",
+                file=self.stream,
+                flush=True,
+            )
 
 
 def run(config: UpConfig) -> int:

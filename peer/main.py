@@ -7,7 +7,6 @@ record keeper). Shutdown runs in a fixed, logged order under a deadline; whateve
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 
 import torch

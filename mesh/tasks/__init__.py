@@ -25,16 +25,16 @@ def load_task(spec: str) -> Task:
         return BUILTIN_TASKS[spec]()
     raise ConfigError(
         f"unknown task {spec!r}: built-ins are {', '.join(sorted(BUILTIN_TASKS))}; "
-        "for your own task give module:function (e.g. examples.user_task:make_task)"
+        "for your own task give module:function (e.g. mesh.examples.user_task:make_task)"
     )
 
 
 def _load_user_task(spec: str) -> Task:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise ConfigError(f"task {spec!r} must look like module:function (e.g. examples.user_task:make_task)")
+        raise ConfigError(f"task {spec!r} must look like module:function (e.g. mesh.examples.user_task:make_task)")
     if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
-        raise ConfigError(f"task module {module_name!r} is a path; give a dotted module name like examples.user_task")
+        raise ConfigError(f"task module {module_name!r} is a path; give a dotted module name like mesh.examples.user_task")
     module = _import(module_name)
     if not hasattr(module, attr):
         where = getattr(module, "__file__", None) or module_name

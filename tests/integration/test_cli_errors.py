@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import peer_args
 from tests.procs import REPO
@@ -17,13 +17,25 @@ VALID_ID = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
 
 
 def mesh(*args: str, timeout: float = 90, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
+    """Run ``python -m mesh ARGS`` in its own process group; on timeout the whole group is killed."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "mesh", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=full_env, start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"mesh {' '.join(args)} did not finish in {timeout}s:\n{out}\n{err}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # helpers it may have left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:

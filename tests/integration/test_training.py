@@ -7,6 +7,7 @@ single-process run of plain SGD that takes the same number of optimizer steps on
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -89,7 +90,9 @@ def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp
     total = 12
     early = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(total), "--min-peers", "2")) for n in ("a", "b")]
     early[0].wait_epoch(2, timeout=150)
-    late = mesh_procs("c", *peer_args(bootstrap, "c", tmp_path, "--max-epochs", str(total)))
+    # join through peer a, not the bootstrap: any live peer's address works
+    address = re.search(r"dht joined peer_id=\S+ addrs=(\S+)", early[0].output()).group(1).split(",")[0]
+    late = mesh_procs("c", *peer_args(address, "c", tmp_path, "--max-epochs", str(total)))
     for peer in [*early, late]:
         assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
     assert late.status()["state_downloads"] >= 1, late.output()[-3000:]
@@ -137,3 +140,16 @@ def test_nan_gradient_is_never_sent_nor_applied(bootstrap: str, mesh_procs, tmp_
     assert healthy.status()["nonfinite_skips"] == 0
     assert "dropped non-finite gradient step=3" in faulty.output()
     assert_same_parameters(faulty, healthy)  # includes: every parameter is finite on both peers
+
+
+def test_checkpoint_resume_continues_from_the_saved_epoch(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    first = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "3"))
+    assert wait_exit(first, 120) == 0, first.output()[-3000:]
+    saved = first.load_parameters()
+    (tmp_path / "a.log").rename(tmp_path / "a-first.log")
+    again = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "5"))
+    assert wait_exit(again, 120) == 0, again.output()[-3000:]
+    assert "resumed from checkpoint" in again.output() and "epoch=3" in again.output()
+    status = again.status()
+    assert status["epoch"] == 5 and status["local_steps"] < 3 * 32  # two epochs of work, not five
+    assert not torch.equal(again.load_parameters()["weight"], saved["weight"])  # and it kept training

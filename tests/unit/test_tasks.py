@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from mesh.errors import ConfigError
-from mesh.tasks import BUILTIN_TASKS, Task, load_task
-from mesh.tasks import charlm, regression
+from mesh.tasks import BUILTIN_TASKS, Task, charlm, load_task, regression
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE_SPEC = "examples.user_task:make_task"
+EXAMPLE_SPEC = "mesh.examples.user_task:make_task"
 ALL_SPECS = [*BUILTIN_TASKS, EXAMPLE_SPEC]
 
 
@@ -223,8 +222,8 @@ def test_module_that_fails_while_importing(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_missing_attribute_names_it() -> None:
-    message = _config_error("examples.user_task:no_such_function")
-    assert "examples.user_task" in message
+    message = _config_error("mesh.examples.user_task:no_such_function")
+    assert "mesh.examples.user_task" in message
     assert "no_such_function" in message
 
 
@@ -248,7 +247,7 @@ def test_factory_that_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "ValueError: bad config" in _config_error("mesh_test_raising_task:make_task")
 
 
-@pytest.mark.parametrize("spec", ["examples/user_task.py:make_task", ":make_task", "examples.user_task:"])
+@pytest.mark.parametrize("spec", ["mesh/examples/user_task.py:make_task", ":make_task", "mesh.examples.user_task:"])
 def test_malformed_module_spec(spec: str) -> None:
     _config_error(spec)
 

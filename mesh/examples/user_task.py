@@ -1,8 +1,8 @@
 """An example user task: a linear classifier on synthetic, linearly separable data.
 
-Run it from the repository root (or put this module anywhere importable)::
+It ships inside the package, so it works from anywhere; your own module works the same way from your project folder::
 
-    mesh peer --task examples.user_task:make_task
+    mesh peer --task mesh.examples.user_task:make_task
 
 A task is a ``mesh.tasks.Task`` returned by a function called with no arguments. It needs:
 

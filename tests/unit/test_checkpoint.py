@@ -1,0 +1,87 @@
+"""Checkpoints are written atomically: a crash mid-write leaves the previous checkpoint whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesh import checkpoint
+from mesh.errors import ConfigError
+from mesh.trainer import gradients_finite, make_compression, make_optimizer_factory, pick_device, to_device
+
+
+def test_save_then_load_round_trips(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3}
+    checkpoint.save(tmp_path, state)
+    loaded = checkpoint.load(tmp_path)
+    torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temp files left
+
+
+def test_crash_during_write_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    checkpoint.save(tmp_path, {"epoch": 1})
+
+    def crash(obj, handle) -> None:
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(tmp_path, {"epoch": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
+
+
+def test_missing_and_unreadable_checkpoints(tmp_path: Path) -> None:
+    assert checkpoint.load(tmp_path) is None
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(tmp_path)
+
+
+def test_unwritable_directory_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is not writable"):
+        checkpoint.ensure_writable(blocker / "sub")
+    assert checkpoint.ensure_writable(tmp_path / "new" / "dir").is_dir()
+
+
+def test_device_choice() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+def test_to_device_walks_nested_batches() -> None:
+    batch = {"x": torch.ones(2), "pair": (torch.zeros(1), [torch.ones(1)]), "meta": "kept"}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["meta"] == "kept" and isinstance(moved["pair"], tuple) and isinstance(moved["pair"][1], list)
+
+
+def test_gradient_check_finds_nan_and_inf() -> None:
+    model = torch.nn.Linear(3, 2)
+    assert gradients_finite(model)  # no gradients yet
+    model(torch.ones(1, 3)).sum().backward()
+    assert gradients_finite(model)
+    model.bias.grad[0] = float("nan")
+    assert not gradients_finite(model)
+    model.bias.grad[0] = float("inf")
+    assert not gradients_finite(model)
+
+
+def test_optimizer_and_compression_names() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(make_optimizer_factory("adamw", 0.1)(params), torch.optim.AdamW)
+    assert make_optimizer_factory("sgd", 0.1)(params).param_groups[0]["lr"] == 0.1
+    with pytest.raises(ConfigError):
+        make_optimizer_factory("lamb", 0.1)
+    with pytest.raises(ConfigError):
+        make_compression("zip")
