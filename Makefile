@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install up test test-all bench clean
+.PHONY: install system-deps up test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Debian packages the tests use: a real browser for the status page test.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian packages: chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 up: install
 	$(VENV)/bin/mesh up
 
-test: install
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: install
+test-all: install system-deps
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 clean:

@@ -16,7 +16,7 @@ import typing
 from typing import Any, Callable, Sequence
 
 from mesh import __version__
-from mesh.config import BootstrapConfig, DoctorConfig, PeerConfig, UpConfig, load_file, resolve
+from mesh.config import ApiConfig, BootstrapConfig, DoctorConfig, PeerConfig, StatusConfig, UpConfig, load_file, resolve
 from mesh.errors import MeshError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "peer": (PeerConfig, "peer.main:run", "join a run (or create it with --task) and train"),
     "up": (UpConfig, "mesh.up:run", "start a bootstrap node and N peers on this machine, with live progress"),
     "doctor": (DoctorConfig, "mesh.doctor:run", "preflight: daemon, address, bootstrap, reachability"),
+    "api": (ApiConfig, "api.main:run", "run the coordinator: REST status API, status page, runs and membership"),
+    "status": (StatusConfig, "mesh.status:run", "print the coordinator's runs and peers as tables"),
 }
 
 

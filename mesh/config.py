@@ -29,7 +29,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local")
 LOG_FORMATS = ("text", "json")
-SECRET_FIELDS = ("token",)
+SECRET_FIELDS = ("api_token", "mongo_url")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -181,6 +181,12 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Testing aid: each local step takes at least this many seconds (stands in for a slower model or device)."""
     fault_nan_step: int | None = None
     """Testing aid: make the local gradient NaN at this local step (it must be skipped, never sent)."""
+    coordinator: str | None = None
+    """Coordinator URL (http://host:8080): heartbeats go there, and without --join it hands out the bootstrap."""
+    api_token: str | None = None
+    """Bearer token for the coordinator's writes (when it has one)."""
+    heartbeat_interval: float = 5.0
+    """Seconds between heartbeats to the coordinator."""
 
     def __post_init__(self) -> None:
         NetworkConfig.__post_init__(self)
@@ -199,6 +205,9 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
         _check_positive("log_every", self.log_every)
         _check_positive("shutdown_timeout", self.shutdown_timeout)
         _check_port("metrics_port", self.metrics_port)
+        _check_positive("heartbeat_interval", self.heartbeat_interval)
+        if self.coordinator is not None and not self.coordinator.startswith(("http://", "https://")):
+            raise ConfigError(f"--coordinator must be an http:// or https:// URL, got {self.coordinator!r}")
 
 
 @dataclass(frozen=True)
@@ -219,10 +228,13 @@ class UpConfig(RunDefaults, LogConfig):
     """Device of the local peers."""
     threads_per_peer: int | None = None
     """torch threads per peer (cores / peers when unset)."""
+    api_port: int = 8080
+    """Port of the local coordinator and its status page (0 picks a free one)."""
 
     def __post_init__(self) -> None:
         LogConfig.__post_init__(self)
         RunDefaults.__post_init__(self)
+        _check_port("api_port", self.api_port)
         if not 1 <= self.peers <= 64:
             raise ConfigError(f"--peers must be between 1 and 64, got {self.peers}")
         _check_positive("max_epochs", self.max_epochs)
@@ -236,6 +248,68 @@ class DoctorConfig(LogConfig, NetworkConfig):
     host: str = "0.0.0.0"
     join_timeout: float = 15.0
     """Seconds to wait for the bootstrap to answer."""
+
+
+@dataclass(frozen=True)
+class ApiConfig(LogConfig):
+    """``mesh api``: the coordinator."""
+
+    host: str = "0.0.0.0"
+    """Interface the REST API and status page listen on."""
+    port: int = 8080
+    """HTTP port (0 picks a free one; the bound port is logged and written to --address-file)."""
+    mongo_url: str | None = None
+    """MongoDB URL (mongodb://...); without it the embedded store in --db-path is used."""
+    mongo_database: str = "mesh"
+    """MongoDB database name."""
+    db_path: Path = Path("mesh-coordinator.db")
+    """File of the embedded store (used when no --mongo-url is given)."""
+    api_token: str | None = None
+    """When set, every write needs 'Authorization: Bearer TOKEN'."""
+    protect_reads: bool = False
+    """Require the token for reads too."""
+    bootstrap: tuple[str, ...] = ()
+    """Bootstrap multiaddrs handed to peers that ask the coordinator how to join."""
+    join: tuple[str, ...] = ()
+    """Join the DHT through these multiaddrs (as a client) to watch it: peers that never heartbeat are seen too,
+    and runs created here are published to the mesh."""
+    observe_interval: float = 5.0
+    """Seconds between reads of the DHT's run and peer records (with --join)."""
+    heartbeat_interval: float = 5.0
+    """Seconds between peer heartbeats; a peer silent for 3 intervals becomes lost."""
+    max_body_bytes: int = 1_048_576
+    """Largest accepted request body (413 above)."""
+    address_file: Path | None = None
+    """Write the coordinator's URL here once it listens."""
+
+    def __post_init__(self) -> None:
+        LogConfig.__post_init__(self)
+        _check_port("port", self.port)
+        _check_positive("heartbeat_interval", self.heartbeat_interval)
+        _check_positive("max_body_bytes", self.max_body_bytes)
+        _check_positive("observe_interval", self.observe_interval)
+        if self.mongo_url is not None and not self.mongo_url.startswith(("mongodb://", "mongodb+srv://")):
+            raise ConfigError(f"--mongo-url must start with mongodb:// or mongodb+srv://, got {self.mongo_url!r}")
+
+
+@dataclass(frozen=True)
+class StatusConfig(LogConfig):
+    """``mesh status``: the coordinator's view, as tables."""
+
+    coordinator: str = "http://127.0.0.1:8080"
+    """Coordinator URL."""
+    api_token: str | None = None
+    """Bearer token, when the coordinator protects reads."""
+    run: str | None = None
+    """Show only this run (and its peers)."""
+    output: str = "table"
+    """table or json."""
+
+    def __post_init__(self) -> None:
+        LogConfig.__post_init__(self)
+        _check_choice("output", self.output, ("table", "json"))
+        if not self.coordinator.startswith(("http://", "https://")):
+            raise ConfigError(f"--coordinator must be an http:// or https:// URL, got {self.coordinator!r}")
 
 
 C = TypeVar("C")

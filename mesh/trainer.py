@@ -119,11 +119,17 @@ class MeshOptimizer(hivemind.Optimizer):
         self.tracker.global_state_updated.set()
 
     def load_state_from_peers(self, **kwargs) -> None:
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
-        self.state_downloads += 1
-        metrics.state_downloads.inc()
-        logger.info("loaded state from peers epoch=%d seconds=%.2f", self.local_epoch, time.perf_counter() - started)
+        if self.local_epoch != before:
+            self.state_downloads += 1
+            metrics.state_downloads.inc()
+            logger.info("loaded state from peers epoch=%d seconds=%.2f", self.local_epoch, time.perf_counter() - started)
+        else:
+            # hivemind returns without state when no peer could serve it (e.g. the swarm's progress records outlive
+            # peers that just left); back off instead of retrying in a tight loop
+            logger.warning("no peer could serve the newest state (epoch %d); retrying", self.tracker.global_epoch)
+            time.sleep(1.0)
 
 
 @dataclass

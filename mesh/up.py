@@ -92,8 +92,9 @@ def _read_status(path: Path) -> dict:
         return {}
 
 
-def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: int) -> list[str]:
+def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: int, api_url: str) -> list[str]:
     args = [
+        "--coordinator", api_url, "--heartbeat-interval", "2",
         "peer", "--join", join, "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
         "--device", config.device, "--threads", str(threads), "--log-level", config.log_level,
         "--min-peers", str(config.peers),
@@ -176,11 +177,24 @@ def run(config: UpConfig) -> int:
         _wait_for(workdir / "bootstrap.addr", bootstrap, STARTUP_TIMEOUT, "its address")
         join = (workdir / "bootstrap.addr").read_text().split()[0]
         print(f"mesh up: bootstrap at {join}", flush=True)
+        (workdir / "api.url").unlink(missing_ok=True)
+        api = _spawn(
+            "coordinator",
+            ["api", "--host", "127.0.0.1", "--port", str(config.api_port), "--db-path", str(workdir / "coordinator.db"),
+             "--bootstrap", join, "--address-file", str(workdir / "api.url"), "--heartbeat-interval", "2",
+             "--log-level", config.log_level],
+            workdir,
+            env,
+        )
+        children.append(api)
+        _wait_for(workdir / "api.url", api, STARTUP_TIMEOUT, "its address")
+        api_url = (workdir / "api.url").read_text().strip()
+        print(f"mesh up: coordinator (embedded store) at {api_url}; status page: {api_url}/", flush=True)
         print(f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run}; logs in {workdir}", flush=True)
         print(f"mesh up: join from another terminal with: mesh peer --join {join} --run {config.run}", flush=True)
         peers = []
         for index in range(config.peers):
-            peer = _spawn(f"peer-{index}", _peer_args(config, join, index, workdir, threads), workdir, env)
+            peer = _spawn(f"peer-{index}", _peer_args(config, join, index, workdir, threads, api_url), workdir, env)
             children.append(peer)
             peers.append(peer)
             if index == 0:  # the first peer creates the run; the others then join it instead of racing to create
@@ -197,6 +211,10 @@ def run(config: UpConfig) -> int:
                     exit_code = 1
                     print(f"mesh up: {peer.name} exited with code {code}; its log ends:\n{peer.tail()}", file=sys.stderr, flush=True)
             if all(p.proc.poll() is not None for p in peers):
+                break
+            if api.proc.poll() is not None:
+                print(f"mesh up: the coordinator exited with code {api.proc.returncode}:\n{api.tail()}", file=sys.stderr)
+                exit_code = 1
                 break
             if bootstrap.proc.poll() is not None:
                 print(f"mesh up: the bootstrap exited with code {bootstrap.proc.returncode}:\n{bootstrap.tail()}", file=sys.stderr)

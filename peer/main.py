@@ -6,14 +6,17 @@ record keeper). Shutdown runs in a fixed, logged order under a deadline; whateve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 
 import torch
 
-from mesh import checkpoint, httpserve, lifecycle, metrics
+from mesh import checkpoint, coordinator_client, httpserve, lifecycle, metrics
 from mesh.config import PeerConfig, describe
 from mesh.dht import start_dht, visible_maddrs
+from mesh.errors import JoinError
+from mesh.reporting import Reporter
 from mesh.runs import RecordKeeper, join_or_create
 from mesh.tasks import load_task
 from mesh.trainer import Trainer, pick_device
@@ -34,8 +37,22 @@ def run(config: PeerConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
 
+    if config.coordinator and not config.join:
+        config = dataclasses.replace(config, join=coordinator_client.bootstrap_addrs(config.coordinator))
+    coordinator_run = None
+    if config.coordinator:
+        try:
+            coordinator_run = coordinator_client.run_config(config.coordinator, config.run)
+        except JoinError as err:  # with --join the mesh does not need the coordinator: train, report later
+            logger.warning("%s; training without it for now", err)
+    if task is None and coordinator_run is not None and coordinator_run.get("task") not in (None, "unknown"):
+        # a run created through the coordinator's API: this peer can create its DHT record from it
+        task_spec = coordinator_run["task"]
+        config = dataclasses.replace(config, task=task_spec, **_hyperparameters(coordinator_run))
+        task = load_task(task_spec)
+
     dht = start_dht(config)
-    trainer = keeper = None
+    trainer = keeper = reporter = None
     exit_code = 0
     try:
         logger.info("dht joined peer_id=%s addrs=%s", dht.peer_id, ",".join(visible_maddrs(dht)) or "-")
@@ -57,6 +74,13 @@ def run(config: PeerConfig) -> int:
         )
         keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
+        if config.coordinator:
+            addrs = visible_maddrs(dht)[:8]
+            reporter = Reporter(
+                config.coordinator, str(dht.peer_id), lambda: _heartbeat(trainer, addrs),
+                on_run_ended=lambda status: stop.set(), interval=config.heartbeat_interval, token=config.api_token,
+            )
+            reporter.start()
         if config.metrics_port is not None:
             httpserve.serve(config.host if config.host != "0.0.0.0" else "0.0.0.0", config.metrics_port, lambda: {
                 "status": "ok", "run_id": record.run_id, "epoch": trainer.opt.local_epoch,
@@ -74,6 +98,8 @@ def run(config: PeerConfig) -> int:
         logger.info("leaving run=%s reason=%s epoch=%d", record.run_id, reason, trainer.opt.local_epoch)
     finally:
         steps = []
+        if reporter is not None:
+            steps.append(("coordinator", reporter.stop))
         if keeper is not None:
             steps.append(("record keeper", keeper.stop))
         if trainer is not None:
@@ -88,6 +114,24 @@ def run(config: PeerConfig) -> int:
         lifecycle.kill_descendants()
         logger.info("peer stopped exit_code=%d", exit_code)
     return exit_code
+
+
+def _hyperparameters(run: dict) -> dict:
+    hyper = run.get("hyperparameters") or {}
+    names = ("batch_size", "target_batch_size", "optimizer", "lr", "averaging", "compression", "matchmaking_time",
+             "averaging_timeout", "seed")
+    return {name: hyper[name] for name in names if name in hyper}
+
+
+def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
+    """The body of a heartbeat: a snapshot of the trainer's progress (read without locking: plain attributes)."""
+    p = trainer.progress
+    gpu = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None
+    return {
+        "run_id": trainer.record.run_id, "task": trainer.record.task, "addrs": addrs,
+        "device": str(trainer.device), "gpu_name": gpu, "epoch": int(p.epoch),
+        "samples_per_second": float(p.global_samples_per_second), "loss": None if p.loss != p.loss else float(p.loss),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover - use `mesh peer`

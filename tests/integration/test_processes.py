@@ -65,7 +65,7 @@ def test_mesh_up_runs_bounded_epochs_and_leaves_nothing_behind(tmp_path: Path) -
     workdir = tmp_path / "up"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mesh", "up", "--task", "demo", "--peers", "2", "--max-epochs", "2",
-         "--target-batch-size", "128", "--matchmaking-time", "1", "--workdir", str(workdir)],
+         "--target-batch-size", "128", "--matchmaking-time", "1", "--api-port", "0", "--workdir", str(workdir)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     seen: set[int] = set()
@@ -84,13 +84,14 @@ def test_mesh_up_runs_bounded_epochs_and_leaves_nothing_behind(tmp_path: Path) -
     assert proc.returncode == 0, out
     assert "mesh up: bootstrap at /ip4/127.0.0.1/tcp/" in out
     assert "epoch=2 " in out and "last_group=2" in out  # progress lines, with averaging across both peers
-    assert "stopped bootstrap=0 peer-0=0 peer-1=0" in out
+    assert "status page: http://127.0.0.1:" in out
+    assert "stopped bootstrap=0 coordinator=0 peer-0=0 peer-1=0" in out
     assert any("p2pd" in " ".join(psutil.Process(pid).cmdline()) for pid in alive(seen)) is False
     deadline = time.monotonic() + 10
     while alive(seen) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive(seen) == set(), f"left behind: {alive(seen)}"
-    assert len(seen) >= 6  # bootstrap + 2 peers, each with its own libp2p daemon: we really watched them
+    assert len(seen) >= 7  # bootstrap + coordinator + 2 peers, each with its own libp2p daemon: we really watched them
     for index in (0, 1):
         status = json.loads((workdir / f"peer-{index}.json").read_text())
         assert status["epoch"] == 2 and status["state"] == "left"

@@ -87,15 +87,17 @@ def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_pr
 
 
 def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
-    total = 12
+    total = 16  # leaves the late peer ~10 epochs to start even on a loaded 2-core machine (start-up takes 5-15 s)
     early = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(total), "--min-peers", "2")) for n in ("a", "b")]
-    early[0].wait_epoch(2, timeout=150)
+    early[0].wait_epoch(1, timeout=150)
     # join through peer a, not the bootstrap: any live peer's address works
     address = re.search(r"dht joined peer_id=\S+ addrs=(\S+)", early[0].output()).group(1).split(",")[0]
     late = mesh_procs("c", *peer_args(address, "c", tmp_path, "--max-epochs", str(total)))
     for peer in [*early, late]:
         assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
-    assert late.status()["state_downloads"] >= 1, late.output()[-3000:]
+    status = late.status()
+    assert 1 <= status["state_downloads"] <= 3, late.output()[-3000:]  # downloaded once (not spinning), then trained
+    assert status["rounds"]["ok"] >= 1
     assert_same_parameters(*early, late)
 
 

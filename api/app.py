@@ -1,0 +1,117 @@
+"""The coordinator's app factory: one cleanup context per resource (store, lost-peer monitor)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from api import routes
+from api.auth import make_auth_middleware
+from api.errors import error_middleware
+from api.handlers import mark_lost_peers
+from api.keys import CONFIG, PUBLISH, STORE
+from api.store.base import Store, StoreError, Unavailable
+from mesh.config import ApiConfig
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def make_store(config: ApiConfig) -> Store:
+    if config.mongo_url:
+        from api.store.mongo import MongoStore
+
+        return MongoStore(config.mongo_url, database=config.mongo_database)
+    from api.store.embedded import EmbeddedStore
+
+    return EmbeddedStore(config.db_path)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the store; when the database is down at start, serve anyway (readiness says 503) and keep trying."""
+    store = app[STORE]
+    retry: asyncio.Task | None = None
+    try:
+        await store.open()
+    except Unavailable as err:
+        logger.warning("store unavailable at start error=%s; serving, ready once it answers", err)
+
+        async def reopen() -> None:
+            while True:
+                await asyncio.sleep(5.0)
+                try:
+                    await store.open()
+                    logger.info("store reachable; indexes ensured")
+                    return
+                except Unavailable:
+                    continue
+
+        retry = asyncio.create_task(reopen(), name="store-reopen")
+    yield
+    if retry is not None:
+        retry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retry
+    await store.close()
+
+
+async def _lost_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    interval = app[CONFIG].heartbeat_interval
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await mark_lost_peers(app[STORE], interval)
+            except StoreError as err:  # the store is down: try again next interval
+                logger.warning("lost-peer check failed error=%s", err)
+
+    task = asyncio.create_task(loop(), name="lost-peer-monitor")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+def _observer_ctx(dht):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from api import observer
+
+        async def publish(run) -> bool:
+            return await asyncio.to_thread(observer.publish, dht, run)
+
+        app[PUBLISH] = publish
+        task = asyncio.create_task(observer.observe_forever(dht, app[STORE], app[CONFIG].observe_interval), name="dht-observer")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
+def create_app(config: ApiConfig, store: Store | None = None, dht=None) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, make_auth_middleware(config.api_token, config.protect_reads)],
+        client_max_size=config.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[STORE] = store or make_store(config)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_lost_monitor_ctx)
+    if dht is not None:
+        app.cleanup_ctx.append(_observer_ctx(dht))
+    routes.setup(app)
+    if STATIC.is_dir():
+        app.router.add_get("/", _index, name="index")
+        app.router.add_static("/static/", STATIC, name="static")
+    return app

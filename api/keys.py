@@ -1,0 +1,13 @@
+"""Typed application keys shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.store.base import Store
+from mesh.config import ApiConfig
+
+STORE = web.AppKey("store", Store)
+# set when the coordinator is joined to a DHT: publishes a run created through the API (returns success)
+PUBLISH = web.AppKey("publish", object)
+CONFIG = web.AppKey("config", ApiConfig)

@@ -1,0 +1,60 @@
+"""``mesh api``: run the coordinator until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+from aiohttp import web
+
+from api.app import create_app
+from mesh.config import ApiConfig, describe
+
+logger = logging.getLogger(__name__)
+
+
+async def serve(config: ApiConfig, dht=None) -> None:
+    app = create_app(config, dht=dht)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{port}"
+    store = "mongodb" if config.mongo_url else f"embedded store at {config.db_path}"
+    logger.info("coordinator listening url=%s store=%s", url, store)
+    print(f"coordinator listening on {url} ({store}); status page at {url}/", flush=True)
+    if config.address_file is not None:
+        config.address_file.write_text(url + "\n")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logger.info("coordinator stopping")
+    await runner.cleanup()
+
+
+def run(config: ApiConfig) -> int:
+    logger.info("api config %s", describe(config))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        pass
+    dht = None
+    if config.join:
+        from api import observer
+
+        dht = observer.join(config.join)  # before the event loop and any thread: hivemind forks
+        if not config.bootstrap:
+            config = dataclasses.replace(config, bootstrap=config.join)
+    try:
+        asyncio.run(serve(config, dht))
+    finally:
+        if dht is not None:
+            dht.shutdown()
+    return 0

@@ -1,0 +1,180 @@
+"""The coordinator's data shapes: request bodies, stored documents and responses, as pydantic v2 models.
+
+The handlers, the stores and the OpenAPI document all use these, so the document cannot drift from the code.
+Times are timezone-aware UTC datetimes (ISO 8601 in JSON).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PEER_ID = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"  # base58, as libp2p prints peer ids
+
+RunStatus = Literal["created", "running", "stopped", "finished", "failed"]
+PeerStatus = Literal["alive", "left", "lost"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Compression = Literal["none", "fp16", "8bit"]
+Averaging = Literal["gradients", "local"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Strict):
+    batch_size: int = Field(16, ge=1, le=1_000_000, description="Samples per local step")
+    target_batch_size: int = Field(1024, ge=1, le=1_000_000_000, description="Samples per epoch, over all peers")
+    optimizer: Optimizer = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    averaging: Averaging = "gradients"
+    compression: Compression = "none"
+    matchmaking_time: float = Field(3.0, gt=0, le=600)
+    averaging_timeout: float = Field(30.0, gt=0, le=3600)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class RunCreate(Strict):
+    """Body of ``POST /api/v1/runs``."""
+
+    run_id: str = Field(pattern=RUN_ID, description="Unique id; peers join with --run RUN_ID")
+    task: str = Field(min_length=1, max_length=200, description="Built-in task name or module:function")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    min_peers: int = Field(1, ge=1, le=10_000, description="Peers the run wants at least (for --run auto); <= max_peers")
+    max_peers: int = Field(64, ge=1, le=10_000, description="Peers the run accepts at most (for --run auto); >= min_peers")
+
+
+class RunProgress(Strict):
+    epoch: int = Field(0, ge=0)
+    samples: int = Field(0, ge=0)
+    loss: float | None = None
+    samples_per_second: float = Field(0.0, ge=0)
+    peers_alive: int = Field(0, ge=0)
+
+
+class Run(RunCreate):
+    """A run as stored and returned."""
+
+    status: RunStatus = "created"
+    created_at: datetime
+    updated_at: datetime
+    stopped_at: datetime | None = None
+    progress: RunProgress = Field(default_factory=RunProgress)
+
+
+class HistoryPoint(Strict):
+    """One point per epoch per run (unique on run_id + epoch)."""
+
+    run_id: str = Field(pattern=RUN_ID)
+    epoch: int = Field(ge=0)
+    loss: float | None = None
+    samples_per_second: float = Field(0.0, ge=0)
+    peers: int = Field(0, ge=0)
+    time: datetime
+
+
+class Heartbeat(Strict):
+    """Body of ``PUT /api/v1/peers/{peer_id}/heartbeat``: what a peer reports every interval."""
+
+    run_id: str = Field(pattern=RUN_ID)
+    task: str | None = Field(None, max_length=200, description="The run's task, so a run first seen here is recorded")
+    addrs: list[str] = Field(default_factory=list, max_length=32)
+    host: str = Field("", max_length=255)
+    device: str = Field("", max_length=64)
+    gpu_name: str | None = Field(None, max_length=255)
+    version: str = Field("", max_length=64)
+    epoch: int = Field(0, ge=0)
+    samples_per_second: float = Field(0.0, ge=0)
+    loss: float | None = None
+
+
+class Peer(Strict):
+    """A peer record as stored and returned."""
+
+    peer_id: str = Field(pattern=PEER_ID)
+    run_id: str = Field(pattern=RUN_ID)
+    addrs: list[str] = Field(default_factory=list)
+    host: str = ""
+    device: str = ""
+    gpu_name: str | None = None
+    version: str = ""
+    status: PeerStatus = "alive"
+    joined_at: datetime
+    last_seen: datetime
+    left_at: datetime | None = None
+    epoch: int = Field(0, ge=0)
+    samples_per_second: float = Field(0.0, ge=0)
+    loss: float | None = None
+    source: Literal["heartbeat", "dht"] = "heartbeat"
+
+
+class HeartbeatResponse(BaseModel):
+    peer: Peer
+    run_status: RunStatus
+    newly_joined: bool
+
+
+class Event(Strict):
+    """Something that happened: a run created or stopped, a peer joined, left or was lost."""
+
+    event_id: str
+    run_id: str | None = None
+    peer_id: str | None = None
+    kind: str = Field(max_length=64)
+    message: str = Field(max_length=1000)
+    time: datetime
+
+
+class Page(BaseModel):
+    total: int
+    limit: int
+    offset: int
+
+
+class RunPage(Page):
+    items: list[Run]
+
+
+class PeerPage(Page):
+    items: list[Peer]
+
+
+class EventPage(Page):
+    items: list[Event]
+
+
+class HistoryList(BaseModel):
+    items: list[HistoryPoint]
+
+
+class Summary(BaseModel):
+    runs: dict[str, int]
+    peers: dict[str, int]
+    bootstrap: list[str]
+    version: str
+
+
+class Bootstrap(BaseModel):
+    addrs: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict | list | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

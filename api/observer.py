@@ -1,0 +1,84 @@
+"""The DHT observer: with ``mesh api --join``, the coordinator joins the DHT as a client and records the runs and
+peers announced there, so it knows peers that never reached it over HTTP. It also publishes runs created
+through the API, so peers can join them with just ``--join`` and ``--run``.
+
+Imports hivemind (and so torch): only loaded when the coordinator is given ``--join``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+
+from hivemind import DHT
+
+from api.models import Heartbeat, Hyperparameters, Run, utcnow
+from api.store.base import Conflict, NotFound, Store, StoreError
+from mesh.config import NetworkConfig, RunDefaults
+from mesh.dht import start_dht
+from mesh.records import fetch_peers, fetch_runs, publish_run
+from mesh.runs import create_record
+from mesh.tasks import load_task
+
+logger = logging.getLogger(__name__)
+
+
+def join(addrs: tuple[str, ...], timeout: float = 30.0) -> DHT:
+    """Start the client DHT node. Call before the event loop starts: hivemind forks."""
+    return start_dht(NetworkConfig(join=addrs, host="127.0.0.1", client_mode=True, join_timeout=timeout))
+
+
+async def observe_once(dht: DHT, store: Store) -> tuple[int, int]:
+    """Record the DHT's runs and live peers; returns (runs added, peers seen)."""
+    runs = await asyncio.to_thread(fetch_runs, dht)
+    added = 0
+    for record in runs.values():
+        try:
+            await store.get_run(record.run_id)
+        except NotFound:
+            hyper = Hyperparameters(**{k: getattr(record, k) for k in Hyperparameters.model_fields})
+            now = utcnow()
+            run = Run(run_id=record.run_id, task=record.task, hyperparameters=hyper, status="running",
+                      created_at=datetime.fromtimestamp(record.created_at, timezone.utc), updated_at=now)
+            try:
+                await store.create_run(run)
+                added += 1
+            except Conflict:
+                pass
+    peers = await asyncio.to_thread(fetch_peers, dht)
+    for peer_id, presence in peers.items():
+        beat = Heartbeat(run_id=presence.run_id, device=presence.device, epoch=presence.epoch,
+                         samples_per_second=presence.samples_per_second, loss=presence.loss)
+        if presence.run_id not in runs:
+            try:
+                await store.get_run(presence.run_id)
+            except NotFound:
+                continue  # the peer's run record has not reached us yet
+        await store.heartbeat(peer_id, beat, utcnow(), source="dht")
+    return added, len(peers)
+
+
+async def observe_forever(dht: DHT, store: Store, interval: float) -> None:
+    while True:
+        try:
+            added, seen = await observe_once(dht, store)
+            logger.debug("dht observed runs_added=%d peers=%d", added, seen)
+        except StoreError as err:
+            logger.warning("dht observation not recorded error=%s", err)
+        except Exception:
+            logger.exception("dht observation failed")
+        await asyncio.sleep(interval)
+
+
+def publish(dht: DHT, run: Run) -> bool:
+    """Publish a run created through the API; needs the task importable here to fingerprint its model."""
+    try:
+        task = load_task(run.task)
+    except Exception as err:
+        logger.warning("run %s not published to the DHT: task %s not loadable here (%s); peers with --coordinator "
+                       "still get its config", run.run_id, run.task, err)
+        return False
+    defaults = RunDefaults(**run.hyperparameters.model_dump())
+    record = create_record(run.run_id, run.task, task, defaults)
+    return publish_run(dht, record)

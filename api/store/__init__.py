@@ -1,0 +1,1 @@
+"""Stores: one interface (``base.Store``), two implementations (embedded SQLite file, MongoDB)."""

@@ -1,0 +1,246 @@
+"""Every endpoint through aiohttp's test client, on the real embedded store: success and each error code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from api.app import create_app
+from mesh.config import ApiConfig
+
+PEER = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
+PEER2 = "12D3KooWKtf7Ywz3eqtHB67LZNee5urcZCorNtUUT6KHq7eewJXY"
+BOOT = f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER2}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def make_client(tmp_path: Path, **overrides) -> TestClient:
+    config = ApiConfig(db_path=tmp_path / "coordinator.db", bootstrap=(BOOT,), **overrides)
+    client = TestClient(TestServer(create_app(config)))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
+    client = await make_client(tmp_path)
+    yield client
+    await client.close()
+
+
+def assert_error(body: dict, code: str) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert "Traceback" not in json.dumps(body)
+
+
+async def create(client: TestClient, run_id: str = "r1", **extra) -> dict:
+    response = await client.post("/api/v1/runs", json={"run_id": run_id, "task": "regression", **extra})
+    assert response.status == 201, await response.text()
+    return await response.json()
+
+
+def beat(run_id: str = "r1", epoch: int = 0, loss: float | None = None) -> dict:
+    return {"run_id": run_id, "addrs": [BOOT], "host": "box", "device": "cpu", "version": "0.1.0", "epoch": epoch,
+            "samples_per_second": 10.0, "loss": loss}
+
+
+async def test_health_ready_summary_bootstrap(client: TestClient) -> None:
+    assert (await (await client.get("/api/v1/health")).json())["status"] == "ok"
+    assert (await (await client.get("/api/v1/ready")).json())["status"] == "ready"
+    await create(client)
+    summary = await (await client.get("/api/v1/summary")).json()
+    assert summary["runs"]["created"] == 1 and summary["bootstrap"] == [BOOT]
+    assert (await (await client.get("/api/v1/bootstrap")).json()) == {"addrs": [BOOT]}
+
+
+async def test_ready_and_writes_answer_503_when_the_store_is_down(tmp_path: Path) -> None:
+    from api.store.mongo import MongoStore
+
+    config = ApiConfig(mongo_url=f"mongodb://127.0.0.1:{free_port()}")
+    client = TestClient(TestServer(create_app(config, MongoStore(config.mongo_url, timeout_ms=300))))
+    await client.start_server()
+    try:
+        response = await client.get("/api/v1/ready")
+        assert response.status == 503
+        assert_error(await response.json(), "store_unavailable")
+        response = await client.post("/api/v1/runs", json={"run_id": "r1", "task": "regression"})
+        assert response.status == 503
+        assert_error(await response.json(), "store_unavailable")
+        assert (await client.get("/api/v1/health")).status == 200  # the process is up
+    finally:
+        await client.close()
+
+
+async def test_runs_create_get_list_stop(client: TestClient) -> None:
+    run = await create(client, hyperparameters={"lr": 0.1, "optimizer": "sgd"}, min_peers=2, max_peers=4)
+    assert run["status"] == "created" and run["hyperparameters"]["lr"] == 0.1 and run["min_peers"] == 2
+    assert (await (await client.get("/api/v1/runs/r1")).json()) == run
+    await create(client, "r2")
+    page = await (await client.get("/api/v1/runs?limit=1")).json()
+    assert page["total"] == 2 and len(page["items"]) == 1 and page["items"][0]["run_id"] == "r2"  # newest first
+    stopped = await (await client.post("/api/v1/runs/r1/stop")).json()
+    assert stopped["status"] == "stopped" and stopped["stopped_at"]
+    page = await (await client.get("/api/v1/runs?status=stopped")).json()
+    assert [r["run_id"] for r in page["items"]] == ["r1"]
+    events = await (await client.get("/api/v1/runs/r1/events")).json()
+    assert [e["kind"] for e in events["items"]] == ["run_stopped", "run_created"]
+
+
+async def test_run_errors(client: TestClient) -> None:
+    await create(client)
+    response = await client.post("/api/v1/runs", json={"run_id": "r1", "task": "regression"})
+    assert response.status == 409
+    assert_error(await response.json(), "conflict")
+    for body in (
+        {"run_id": "bad id", "task": "regression"},
+        {"run_id": "r9", "task": "regression", "surprise": 1},
+        {"run_id": "r9", "task": "regression", "hyperparameters": {"lr": -1}},
+        {"run_id": "r9", "task": "regression", "min_peers": 5, "max_peers": 2},
+        {"task": "regression"},
+    ):
+        response = await client.post("/api/v1/runs", json=body)
+        assert response.status == 422, body
+        assert (await response.json())["error"]["code"] in ("invalid_body", "invalid_parameter")
+    response = await client.post("/api/v1/runs", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    response = await client.post("/api/v1/runs", data=b"x" * 2_000_000)
+    assert response.status == 413
+    assert_error(await response.json(), "body_too_large")
+    for path in ("/api/v1/runs/nope", "/api/v1/runs/nope/history", "/api/v1/runs/nope/events"):
+        response = await client.get(path)
+        assert response.status == 404, path
+        assert_error(await response.json(), "not_found")
+    assert (await client.post("/api/v1/runs/nope/stop")).status == 404
+    for query in ("status=bogus", "limit=0", "limit=100000", "limit=abc", "offset=-1"):
+        response = await client.get(f"/api/v1/runs?{query}")
+        assert response.status == 422, query
+        assert_error(await response.json(), "invalid_parameter")
+    assert (await client.get("/api/v1/runs/bad%20id")).status == 422
+
+
+async def test_stopping_an_ended_run_again_is_idempotent_but_cannot_restart(client: TestClient) -> None:
+    await create(client)
+    assert (await client.post("/api/v1/runs/r1/stop")).status == 200
+    assert (await client.post("/api/v1/runs/r1/stop")).status == 200
+
+
+async def test_heartbeat_upserts_and_advances_history(client: TestClient) -> None:
+    await create(client)
+    first = await (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat())).json()
+    assert first["newly_joined"] and first["run_status"] == "created" and first["peer"]["status"] == "alive"
+    again = await (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat(epoch=1, loss=0.5))).json()
+    assert not again["newly_joined"] and again["run_status"] == "running"
+    await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat(epoch=1, loss=0.5))  # same epoch: no new point
+    await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat(epoch=2, loss=0.25))
+    history = await (await client.get("/api/v1/runs/r1/history")).json()
+    assert [(p["epoch"], p["loss"]) for p in history["items"]] == [(1, 0.5), (2, 0.25)]
+    run = await (await client.get("/api/v1/runs/r1")).json()
+    assert run["progress"]["epoch"] == 2 and run["progress"]["peers_alive"] == 1
+    peers = await (await client.get("/api/v1/peers?run_id=r1&status=alive")).json()
+    assert peers["total"] == 1 and peers["items"][0]["peer_id"] == PEER and peers["items"][0]["epoch"] == 2
+    assert (await (await client.get(f"/api/v1/peers/{PEER}")).json())["host"] == "box"
+
+
+async def test_heartbeat_for_a_run_created_in_the_dht_records_it(client: TestClient) -> None:
+    body = {**beat("dht-run"), "task": "demo"}
+    assert (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=body)).status == 200
+    run = await (await client.get("/api/v1/runs/dht-run")).json()
+    assert run["task"] == "demo" and run["status"] == "running"
+
+
+async def test_stop_reaches_peers_through_their_heartbeat_and_leave(client: TestClient) -> None:
+    await create(client)
+    await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat())
+    await client.post("/api/v1/runs/r1/stop")
+    answer = await (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat())).json()
+    assert answer["run_status"] == "stopped"
+    left = await (await client.post(f"/api/v1/peers/{PEER}/leave")).json()
+    assert left["status"] == "left" and left["left_at"]
+
+
+async def test_peer_errors(client: TestClient) -> None:
+    response = await client.get(f"/api/v1/peers/{PEER}")
+    assert response.status == 404
+    assert_error(await response.json(), "not_found")
+    assert (await client.post(f"/api/v1/peers/{PEER}/leave")).status == 404
+    assert (await client.get("/api/v1/peers/not-a-peer-id!")).status == 422
+    response = await client.put(f"/api/v1/peers/{PEER}/heartbeat", json={"run_id": "r1", "epoch": -1})
+    assert response.status == 422
+    assert_error(await response.json(), "invalid_body")
+    assert (await client.get("/api/v1/peers?status=sleeping")).status == 422
+    assert (await client.get("/api/v1/peers?run_id=bad%20id")).status == 422
+
+
+async def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:
+    response = await client.get("/api/v1/nothing-here")
+    assert response.status == 404
+    assert_error(await response.json(), "not_found")
+    response = await client.delete("/api/v1/runs")
+    assert response.status == 405
+    assert_error(await response.json(), "method_not_allowed")
+
+
+async def test_silent_peer_becomes_lost_within_three_intervals(tmp_path: Path) -> None:
+    client = await make_client(tmp_path, heartbeat_interval=0.2)
+    try:
+        await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat())
+        await asyncio.sleep(1.2)  # 3 intervals (0.6 s) + one check period + slack
+        peer = await (await client.get(f"/api/v1/peers/{PEER}")).json()
+        assert peer["status"] == "lost"
+        events = await (await client.get("/api/v1/runs/r1/events")).json()
+        assert "peer_lost" in [e["kind"] for e in events["items"]]
+    finally:
+        await client.close()
+
+
+async def test_bearer_token_guards_writes(tmp_path: Path) -> None:
+    client = await make_client(tmp_path, api_token="s3cret")
+    try:
+        response = await client.post("/api/v1/runs", json={"run_id": "r1", "task": "regression"})
+        assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+        assert_error(await response.json(), "unauthorized")
+        bad = {"Authorization": "Bearer wrong"}
+        assert (await client.post("/api/v1/runs", json={"run_id": "r1", "task": "x"}, headers=bad)).status == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert (await client.post("/api/v1/runs", json={"run_id": "r1", "task": "x"}, headers=good)).status == 201
+        assert (await client.get("/api/v1/runs")).status == 200  # reads stay open
+    finally:
+        await client.close()
+
+
+async def test_everything_persists_across_a_restart(tmp_path: Path) -> None:
+    client = await make_client(tmp_path)
+    await create(client)
+    await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat(epoch=1, loss=0.5))
+    await client.close()
+    client = await make_client(tmp_path)
+    try:
+        assert (await (await client.get("/api/v1/runs/r1")).json())["progress"]["epoch"] == 1
+        assert (await (await client.get(f"/api/v1/peers/{PEER}")).json())["epoch"] == 1
+        assert len((await (await client.get("/api/v1/runs/r1/history")).json())["items"]) == 1
+    finally:
+        await client.close()
+
+
+async def test_openapi_document_is_valid_and_covers_every_route(client: TestClient) -> None:
+    from openapi_spec_validator import validate
+
+    document = await (await client.get("/api/v1/openapi.json")).json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    routes = {(r.method, r.resource.canonical) for r in client.app.router.routes() if r.resource is not None}
+    documented = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    api_routes = {(m, p) for m, p in routes if p.startswith("/api/v1") and p != "/api/v1/openapi.json" and m != "HEAD"}
+    assert api_routes == documented

@@ -1,0 +1,128 @@
+"""A live mesh (bootstrap + 2 peers + coordinator): membership, loss of a peer, stopping a run, the status page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_args
+
+pytestmark = pytest.mark.integration
+
+INTERVAL = 1.0
+ARTIFACTS = Path(os.environ.get("MESH_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts"))
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def post(url: str) -> dict:
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
+    url_file = tmp_path / "api.url"
+    api = mesh_procs(
+        "coordinator", "api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "coordinator.db"),
+        "--bootstrap", bootstrap, "--address-file", str(url_file), "--heartbeat-interval", str(INTERVAL),
+    )
+    api.wait_for(url_file.exists, 60, "its address")
+    return url_file.read_text().strip()
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
+def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:
+    api = coordinator + "/api/v1"
+    extra = ("--min-peers", "2", "--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL))
+    peers = [mesh_procs(n, *_no_join(peer_args("", n, tmp_path, *extra))) for n in ("a", "b")]
+    # both joined through the coordinator alone (no --join): it handed out the bootstrap address
+    alive = wait_until(
+        lambda: (page := get(f"{api}/peers?run_id=test&status=alive"))["total"] == 2 and page, 120, "2 alive peers"
+    )
+    assert {p["device"] for p in alive["items"]} == {"cpu"}
+    wait_until(lambda: get(f"{api}/runs/test")["progress"]["epoch"] >= 2, 120, "epoch 2 in the run's progress")
+    history = get(f"{api}/runs/test/history")["items"]
+    assert [p["epoch"] for p in history] == sorted({p["epoch"] for p in history}) and history[-1]["loss"] is not None
+
+    _screenshot_status_page(coordinator)
+
+    victim = peers[1]
+    victim_id = json.loads(victim.status_file.read_text())["peer_id"]
+    victim.remember_descendants()
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: get(f"{api}/peers/{victim_id}")["status"] == "lost", 3 * INTERVAL + 5, "the killed peer lost")
+    assert time.monotonic() - killed_at <= 3 * INTERVAL + 5
+    assert "peer_lost" in [e["kind"] for e in get(f"{api}/runs/test/events")["items"]]
+
+    assert post(f"{api}/runs/test/stop")["status"] == "stopped"
+    assert peers[0].proc.wait(60) == 0, peers[0].output()[-3000:]
+    survivor = get(f"{api}/peers/{json.loads(peers[0].status_file.read_text())['peer_id']}")
+    assert survivor["status"] == "left"
+
+
+def _no_join(args: list[str]) -> list[str]:
+    """peer_args without its --join pair: these peers learn the bootstrap from the coordinator."""
+    out, skip = [], False
+    for item in args:
+        if skip:
+            skip = False
+            continue
+        if item == "--join":
+            skip = True
+            continue
+        out.append(item)
+    return out
+
+
+def _screenshot_status_page(coordinator: str) -> None:
+    """Headless Chromium renders the status page of the live mesh: peers and a loss chart, no console errors."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: the test set-up (make test) installs it")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", "--virtual-time-budget=8000",
+        "--window-size=1280,1000",
+    ]
+    try:
+        dom = subprocess.run([chromium, *flags, "--dump-dom", coordinator + "/"], capture_output=True, text=True, timeout=90)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        html = dom.stdout
+        assert 'id="loss-chart"' in html and 'class="series"' in html, "no loss chart drawn"
+        assert html.count("<tr") >= 3, "runs and peers tables are empty"
+        logged = subprocess.run(
+            [chromium, *flags, "--enable-logging=stderr", "--v=0", f"--screenshot={ARTIFACTS / 'status-page.png'}",
+             coordinator + "/"],
+            capture_output=True, text=True, timeout=90,
+        )
+        console = [line for line in logged.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+        assert console == [], console
+        assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
