@@ -10,11 +10,13 @@ from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from mesh import asyncio_guard
 from mesh.config import NetworkConfig
 from mesh.errors import JoinError
 from mesh.records import RUN_RECORD_VALIDATOR
 
 logger = logging.getLogger(__name__)
+asyncio_guard.install()
 
 MULTIADDR_HELP = "expected /ip4/HOST/tcp/PORT/p2p/PEERID (or /dns4/NAME/... or /ip6/...), as printed by `mesh bootstrap`"
 _HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
