@@ -90,7 +90,10 @@ def _observer_ctx(dht):
             return await asyncio.to_thread(observer.publish, dht, run)
 
         app[PUBLISH] = publish
-        task = asyncio.create_task(observer.observe_forever(dht, app[STORE], app[CONFIG].observe_interval), name="dht-observer")
+        config = app[CONFIG]
+        task = asyncio.create_task(
+            observer.observe_forever(dht, app[STORE], config.observe_interval, config.heartbeat_interval), name="dht-observer"
+        )
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

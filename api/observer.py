@@ -29,7 +29,16 @@ def join(addrs: tuple[str, ...], timeout: float = 30.0) -> DHT:
     return start_dht(NetworkConfig(join=addrs, host="127.0.0.1", client_mode=True, join_timeout=timeout))
 
 
-async def observe_once(dht: DHT, store: Store) -> tuple[int, int]:
+async def _reports_itself(store: Store, peer_id: str, fresh_within: float) -> bool:
+    """True when the peer heartbeats over HTTP: its own report is richer than its DHT presence, keep it."""
+    try:
+        peer = await store.get_peer(peer_id)
+    except NotFound:
+        return False
+    return peer.source == "heartbeat" and (utcnow() - peer.last_seen).total_seconds() < fresh_within
+
+
+async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tuple[int, int]:
     """Record the DHT's runs and live peers; returns (runs added, peers seen)."""
     runs = await asyncio.to_thread(fetch_runs, dht)
     added = 0
@@ -55,14 +64,15 @@ async def observe_once(dht: DHT, store: Store) -> tuple[int, int]:
                 await store.get_run(presence.run_id)
             except NotFound:
                 continue  # the peer's run record has not reached us yet
-        await store.heartbeat(peer_id, beat, utcnow(), source="dht")
+        if not await _reports_itself(store, peer_id, fresh_within):
+            await store.heartbeat(peer_id, beat, utcnow(), source="dht")
     return added, len(peers)
 
 
-async def observe_forever(dht: DHT, store: Store, interval: float) -> None:
+async def observe_forever(dht: DHT, store: Store, interval: float, heartbeat_interval: float) -> None:
     while True:
         try:
-            added, seen = await observe_once(dht, store)
+            added, seen = await observe_once(dht, store, fresh_within=3 * heartbeat_interval)
             logger.debug("dht observed runs_added=%d peers=%d", added, seen)
         except StoreError as err:
             logger.warning("dht observation not recorded error=%s", err)

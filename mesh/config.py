@@ -150,7 +150,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """A training peer."""
 
     run: str = ""
-    """The run to join (or create, when --task is given and nobody has created it)."""
+    """The run to join (or create, when --task is given and nobody has created it); 'auto' (with --coordinator)
+    joins the active run that most needs peers."""
     task: str | None = None
     """Built-in task name (regression, demo) or module:function; read from the run's record when unset."""
     device: str = "auto"

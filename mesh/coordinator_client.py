@@ -36,3 +36,21 @@ def bootstrap_addrs(base: str) -> tuple[str, ...]:
 def run_config(base: str, run_id: str) -> dict[str, Any] | None:
     """The run as the coordinator stores it, or None when it does not know the run."""
     return _get(base.rstrip("/") + f"/api/v1/runs/{run_id}")
+
+
+def pick_run(base: str) -> str:
+    """``--run auto``: the active run that most needs peers (furthest below its minimum, then emptiest relative to
+    its maximum, then oldest); full runs are skipped."""
+    candidates = []
+    for status in ("running", "created"):
+        page = _get(base.rstrip("/") + f"/api/v1/runs?status={status}&limit=500") or {}
+        candidates += page.get("items", [])
+    open_runs = [r for r in candidates if r["progress"]["peers_alive"] < r["max_peers"] and r["task"] != "unknown"]
+    if not open_runs:
+        raise JoinError(f"the coordinator at {base} has no active run with room for a peer; create one or name it with --run")
+
+    def need(run: dict) -> tuple:
+        alive = run["progress"]["peers_alive"]
+        return (-(run["min_peers"] - alive), alive / run["max_peers"], run["created_at"])
+
+    return min(open_runs, key=need)["run_id"]

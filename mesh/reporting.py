@@ -35,7 +35,7 @@ class Reporter(threading.Thread):
         super().__init__(name="coordinator-reporter", daemon=True)
         self.base = url.rstrip("/") + "/api/v1"
         self.peer_id, self.snapshot, self.on_run_ended = peer_id, snapshot, on_run_ended
-        self.interval, self.max_backoff = interval, max(interval * 6, 30.0)
+        self.interval, self.max_backoff = interval, interval * 8
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.failures = 0
         self.sent = 0

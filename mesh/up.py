@@ -94,7 +94,8 @@ def _read_status(path: Path) -> dict:
 
 def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: int, api_url: str) -> list[str]:
     args = [
-        "peer", "--join", join, "--coordinator", api_url, "--heartbeat-interval", "2", "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
+        "peer", "--join", join, "--coordinator", api_url, "--heartbeat-interval", "2",
+        "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
         "--device", config.device, "--threads", str(threads), "--log-level", config.log_level,
         "--min-peers", str(config.peers),
         "--status-file", str(workdir / f"peer-{index}.json"),

@@ -15,7 +15,7 @@ import torch
 from mesh import checkpoint, coordinator_client, httpserve, lifecycle, metrics
 from mesh.config import PeerConfig, describe
 from mesh.dht import start_dht, visible_maddrs
-from mesh.errors import JoinError
+from mesh.errors import ConfigError, JoinError
 from mesh.reporting import Reporter
 from mesh.runs import RecordKeeper, join_or_create
 from mesh.tasks import load_task
@@ -37,6 +37,11 @@ def run(config: PeerConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
 
+    if config.run == "auto":
+        if not config.coordinator:
+            raise ConfigError("--run auto needs --coordinator URL: the coordinator knows which run most needs peers")
+        config = dataclasses.replace(config, run=coordinator_client.pick_run(config.coordinator))
+        logger.info("picked run run=%s", config.run)
     if config.coordinator and not config.join:
         config = dataclasses.replace(config, join=coordinator_client.bootstrap_addrs(config.coordinator))
     coordinator_run = None

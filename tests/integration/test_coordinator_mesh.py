@@ -126,3 +126,61 @@ def _screenshot_status_page(coordinator: str) -> None:
         assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_run_created_through_the_api_is_joined_with_run_auto(coordinator: str, mesh_procs, tmp_path: Path) -> None:
+    api = coordinator + "/api/v1"
+    body = {"run_id": "api-run", "task": "regression", "min_peers": 2, "max_peers": 4,
+            "hyperparameters": {"batch_size": 16, "target_batch_size": 512, "optimizer": "sgd", "lr": 0.2,
+                                "matchmaking_time": 1.0, "averaging_timeout": 10.0}}
+    request = urllib.request.Request(f"{api}/runs", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    assert json.load(urllib.request.urlopen(request, timeout=10))["status"] == "created"
+    extra = ("--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL), "--min-peers", "2", "--max-epochs", "3")
+    # no --join, no --task, no run id: the coordinator hands out the bootstrap, the run and its config
+    peers = [mesh_procs(n, *_no_join(peer_args("", n, tmp_path, *extra, run="auto", task=None))) for n in ("a", "b")]
+    for peer in peers:
+        assert peer.proc.wait(180) == 0, peer.output()[-3000:]
+        assert "picked run run=api-run" in peer.output()
+    run = get(f"{api}/runs/api-run")
+    assert run["progress"]["epoch"] >= 2 and run["status"] == "running"
+    status = subprocess.run(["python", "-m", "mesh", "status", "--coordinator", coordinator], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert status.returncode == 0, status.stderr
+    assert "api-run" in status.stdout and "regression" in status.stdout and status.stdout.count(" left ") == 2
+
+
+def test_training_goes_on_while_the_coordinator_is_down_and_the_dht_observer(
+    bootstrap: str, mesh_procs, tmp_path: Path
+) -> None:
+    from tests.integration.test_cli_errors import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    reporting = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--coordinator", url, "--heartbeat-interval",
+                                           str(INTERVAL), "--min-peers", "2", "--max-epochs", "16"))
+    silent = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--min-peers", "2", "--max-epochs", "16"))
+    reporting.wait_epoch(3, timeout=150)  # the coordinator is down: training does not care
+    assert "coordinator unreachable" in reporting.output()
+
+    url_file = tmp_path / "api.url"
+    api_proc = mesh_procs("coordinator", "api", "--host", "127.0.0.1", "--port", str(port), "--db-path",
+                          str(tmp_path / "c.db"), "--join", bootstrap, "--observe-interval", "1",
+                          "--heartbeat-interval", str(INTERVAL), "--address-file", str(url_file))
+    api_proc.wait_for(url_file.exists, 90, "its address")
+    ids = {json.loads(p.status_file.read_text())["peer_id"]: p.name for p in (reporting, silent)}
+    sources = wait_until(
+        lambda: (page := get(f"{url}/api/v1/peers?run_id=test&status=alive"))["total"] == 2
+        and {ids[p["peer_id"]]: p["source"] for p in page["items"]},
+        60, "both peers recorded",
+    )
+    assert sources["b"] == "dht"  # never talked to the coordinator: seen through the DHT only
+    assert get(f"{url}/api/v1/runs/test")["task"] == "regression"  # the run record, read from the DHT
+    wait_until(lambda: get(f"{url}/api/v1/peers/{_id_of(ids, 'a')}")["source"] == "heartbeat", 30, "a re-registered")
+    for peer in (reporting, silent):
+        assert peer.proc.wait(240) == 0, peer.output()[-3000:]
+    assert "coordinator reachable again" in reporting.output()
+
+
+def _id_of(ids: dict[str, str], name: str) -> str:
+    return next(peer_id for peer_id, peer_name in ids.items() if peer_name == name)
