@@ -15,7 +15,9 @@ waits for a free slot starts late. Per request it records:
 - schedule lag: actual send time minus scheduled time (how far the client fell behind: client-side queueing when the
   server is slow, or an overloaded event loop when this process is).
 
-throughput = answers with status 2xx / (time from t0 to the last answer, at least --seconds).
+sent counts every scheduled request; errors are those without a 2xx answer (other statuses, client errors, timeouts
+after 30 s, and "cancelled": no answer 30 s after the schedule ended). throughput = 2xx answers / (time from t0 to the
+last answer, at least --seconds).
 
 Run (from the repository root, on a quiet machine; this process and the coordinator each want a core):
 
@@ -50,6 +52,7 @@ B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 RUN_ID = "bench-heartbeat"
 P99_TARGET_MS = 50.0
 MAX_IN_FLIGHT = 100
+DRAIN_S = 30.0
 
 
 def peer_id(index: int) -> str:
@@ -127,10 +130,16 @@ def coordinator(store: str, workdir: Path, interval: float, mongo_url: str | Non
 
 
 def drop_database(url: str, database: str) -> None:
+    """Best effort: a server that is down must not hide the error that ended the run."""
     from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
 
-    with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
-        client.drop_database(database)
+    try:
+        client: MongoClient[dict[str, Any]]
+        with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+            client.drop_database(database)
+    except PyMongoError as err:
+        print(f"could not drop the benchmark database {database} at {url}: {err}", file=sys.stderr)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -174,7 +183,12 @@ async def drive(url: str, peers: int, interval: float, seconds: float) -> dict[s
             if (delay := due - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(beat(ids[j % peers], due)))
-        await asyncio.gather(*tasks)
+        _, late = await asyncio.wait(tasks, timeout=DRAIN_S) if tasks else (set(), set())
+        for task in late:  # still waiting for a slot or an answer DRAIN_S after the schedule ended
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            statuses["cancelled"] += len(late)
         elapsed = max(time.perf_counter() - t0, seconds)
     return {"latencies": latencies, "lags": lags, "statuses": statuses, "elapsed": elapsed}
 
@@ -224,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM unwinds like Ctrl-C: children are stopped
+    for signum in (signal.SIGINT, signal.SIGTERM):  # both unwind like Ctrl-C (even where SIGINT was ignored)
+        signal.signal(signum, signal.default_int_handler)
     results = []
-    for store in ("embedded", "mongo") if args.store == "both" else (args.store,):
-        with tempfile.TemporaryDirectory(prefix=f"hb-bench-{store}-") as tmp:
-            with coordinator(store, Path(tmp), args.interval, args.mongo_url) as url:
-                with asyncio.Runner(loop_factory=loop_factory) as runner:
-                    raw = runner.run(drive(url, args.peers, args.interval, args.seconds))
-        results.append(summarize(store, args.peers, args.interval, raw))
-        print(line(results[-1]), flush=True)
+    try:
+        for store in ("embedded", "mongo") if args.store == "both" else (args.store,):
+            with tempfile.TemporaryDirectory(prefix=f"hb-bench-{store}-") as tmp:
+                with coordinator(store, Path(tmp), args.interval, args.mongo_url) as url:
+                    with asyncio.Runner(loop_factory=loop_factory) as runner:
+                        raw = runner.run(drive(url, args.peers, args.interval, args.seconds))
+            results.append(summarize(store, args.peers, args.interval, raw))
+            print(line(results[-1]), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; everything started here was stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as err:  # the coordinator or SecantusDB did not start, or the run could not be created
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

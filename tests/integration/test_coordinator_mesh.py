@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,12 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
     victim.remember_descendants()
     os.killpg(victim.proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_until(lambda: get(f"{api}/peers/{victim_id}")["status"] == "lost", 3 * INTERVAL + 5, "the killed peer lost")
+    lost = wait_until(
+        lambda: (peer := get(f"{api}/peers/{victim_id}"))["status"] == "lost" and peer, 3 * INTERVAL + 5, "the killed peer lost"
+    )
     assert time.monotonic() - killed_at <= 3 * INTERVAL + 5
+    silent_for = (datetime.fromisoformat(lost["left_at"]) - datetime.fromisoformat(lost["last_seen"])).total_seconds()
+    assert 3 * INTERVAL <= silent_for <= 3.5 * INTERVAL + 0.5  # 3 missed intervals, checked every half interval
     assert "peer_lost" in [e["kind"] for e in get(f"{api}/runs/test/events")["items"]]
 
     assert post(f"{api}/runs/test/stop")["status"] == "stopped"
