@@ -15,11 +15,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian packages the tests use: a real browser for the status page test.
+# Debian packages the tests use: a real browser for the status page test, promtool (package prometheus) for the
+# Prometheus config, alert rules and dashboard queries in docker/.
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-		echo "installing Debian packages: chromium"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 up: install
 	$(VENV)/bin/mesh up

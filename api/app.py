@@ -14,6 +14,7 @@ from api import routes
 from api.auth import make_auth_middleware
 from api.errors import error_middleware
 from api.handlers import mark_lost_peers
+from api.instrumentation import TimedStore, metrics_middleware, refresh_gauges
 from api.keys import CONFIG, PUBLISH, STORE
 from api.store.base import Store, StoreError, Unavailable
 from mesh.config import ApiConfig
@@ -70,6 +71,7 @@ async def _lost_monitor_ctx(app: web.Application) -> AsyncIterator[None]:
                 await mark_lost_peers(app[STORE], interval)
             except StoreError as err:  # the store is down: try again next interval
                 logger.warning("lost-peer check failed error=%s", err)
+            await refresh_gauges(app[STORE])
 
     task = asyncio.create_task(loop(), name="lost-peer-monitor")
     yield
@@ -104,11 +106,11 @@ def _observer_ctx(dht):
 
 def create_app(config: ApiConfig, store: Store | None = None, dht=None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, make_auth_middleware(config.api_token, config.protect_reads)],
+        middlewares=[metrics_middleware, error_middleware, make_auth_middleware(config.api_token, config.protect_reads)],
         client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
-    app[STORE] = store or make_store(config)
+    app[STORE] = TimedStore(store or make_store(config))
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_lost_monitor_ctx)
     if dht is not None:

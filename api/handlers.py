@@ -33,7 +33,7 @@ from api.models import (
     utcnow,
 )
 from api.store.base import MAX_LIMIT, NotFound, Store
-from mesh import __version__
+from mesh import __version__, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ async def mark_lost_peers(store: Store, interval: float) -> list[Any]:
     now = utcnow()
     lost = await store.mark_lost(now - timedelta(seconds=3 * interval), now)
     for peer in lost:
+        metrics.api_peers_lost.labels(peer.run_id).inc()
         await record_event(store, "peer_lost", f"peer {peer.peer_id} missed 3 heartbeats", peer.run_id, peer.peer_id)
         logger.warning("peer lost peer_id=%s run=%s", peer.peer_id, peer.run_id)
     return lost

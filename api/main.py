@@ -10,6 +10,7 @@ import signal
 from aiohttp import web
 
 from api.app import create_app
+from mesh import metrics
 from mesh.config import ApiConfig, describe
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ async def serve(config: ApiConfig, dht=None) -> None:
 
 def run(config: ApiConfig) -> int:
     logger.info("api config %s", describe(config))
+    metrics.init_build_info("api")
     try:
         import uvloop
 

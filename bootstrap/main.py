@@ -7,17 +7,11 @@ import time
 
 from mesh import httpserve, lifecycle, metrics
 from mesh.config import BootstrapConfig, describe
-from mesh.dht import start_dht, visible_maddrs
+from mesh.dht import routing_table_size, start_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 
 REFRESH_PERIOD = 15.0  # seconds between routing-table refreshes
-
-
-async def _routing_table_size(_dht, node) -> int:
-    # a lookup of a random key contacts peers and drops the dead ones from the routing table
-    await node.get(f"mesh_heartbeat_{time.monotonic_ns()}", latest=True)
-    return len(node.protocol.routing_table.uid_to_peer_id)
 
 
 def run(config: BootstrapConfig) -> int:
@@ -40,9 +34,8 @@ def run(config: BootstrapConfig) -> int:
                 "status": "ok", "peer_id": str(dht.peer_id), "addrs": addrs, "uptime_seconds": time.monotonic() - started,
             })
         while not stop.wait(min(REFRESH_PERIOD, 1.0) if time.monotonic() - started < 5 else REFRESH_PERIOD):
-            metrics.uptime.set(time.monotonic() - started)
             try:
-                metrics.dht_peers.set(dht.run_coroutine(_routing_table_size))
+                metrics.dht_peers.set(routing_table_size(dht))
             except Exception as err:
                 logger.warning("routing table refresh failed error=%s", err)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 
 from hivemind import DHT
 from hivemind.p2p import PeerID
@@ -123,3 +124,14 @@ def visible_maddrs(dht: DHT) -> list[str]:
     """Addresses others can join through, loopback last so the first one is the most useful."""
     addrs = [str(a) for a in dht.get_visible_maddrs(latest=True)]
     return sorted(addrs, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
+
+
+async def _routing_table_size(_dht, node) -> int:
+    # a lookup of a random key contacts peers and drops the dead ones from the routing table
+    await node.get(f"mesh_heartbeat_{time.monotonic_ns()}", latest=True)
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def routing_table_size(dht: DHT, timeout: float = 30.0) -> int:
+    """DHT peers this node knows (its routing table), after refreshing it."""
+    return dht.run_coroutine(_routing_table_size, return_future=True).result(timeout)

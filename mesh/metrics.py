@@ -1,54 +1,97 @@
-"""Every Prometheus metric of the mesh's processes, in one place. Prefix ``mesh_``, base units, no peer ids."""
+"""Every Prometheus metric of the mesh's processes, in one place.
+
+Rules: prefix ``mesh_``, base units (seconds, bytes), ``_total`` for counters, no peer ids and no raw paths as
+labels (route templates only). A peer trains one run, so its metrics carry a ``run`` label for per-run dashboards.
+"""
 
 from __future__ import annotations
 
-import logging
 import platform
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from mesh import __version__
 
-logger = logging.getLogger(__name__)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-build_info = Info("mesh_build", "Version of the mesh and of its main dependencies")
+# every process
+build_info = Info("mesh_build", "Version of the mesh and of its main dependencies, and the process's role")
+uptime = Gauge("mesh_process_uptime_seconds", "Seconds since this process started")
+dht_peers = Gauge("mesh_dht_peers", "DHT peers in this node's routing table")
 
 # peer
-steps = Counter("mesh_peer_steps_total", "Local optimizer steps (batches) taken")
-samples = Counter("mesh_peer_samples_total", "Samples this peer trained on")
-epoch = Gauge("mesh_peer_epoch", "Global epoch this peer is on")
-loss = Gauge("mesh_peer_loss", "Mean training loss over the last epoch")
+steps = Counter("mesh_peer_steps_total", "Local steps (batches) taken", ["run"])
+samples = Counter("mesh_peer_samples_total", "Samples this peer trained on", ["run"])
+epoch = Gauge("mesh_peer_epoch", "Global epoch this peer is on", ["run"])
+loss = Gauge("mesh_peer_loss", "Mean training loss over this peer's last epoch", ["run"])
+samples_per_second = Gauge("mesh_peer_global_samples_per_second", "Samples per second of the whole run, as seen here", ["run"])
 step_duration = Histogram(
-    "mesh_peer_step_duration_seconds",
-    "Duration of one local step (forward, backward, accumulation)",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    "mesh_peer_step_duration_seconds", "One local step: forward, backward, hand-over to the optimizer", ["run"],
+    buckets=STEP_BUCKETS,
 )
 averaging_rounds = Counter(
-    "mesh_peer_averaging_rounds_total", "Gradient averaging rounds by outcome (ok, failed, local_only)", ["outcome"]
+    "mesh_peer_averaging_rounds_total", "Gradient averaging rounds by outcome: ok, failed, local_only", ["run", "outcome"]
 )
-group_size = Gauge("mesh_peer_last_group_size", "Peers in the last averaging round (1 when averaged alone)")
-nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient")
-state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers")
-samples_per_second = Gauge("mesh_peer_global_samples_per_second", "Samples per second of the whole run, as seen here")
+group_size = Gauge("mesh_peer_last_group_size", "Peers in the last averaging round (1 when alone)", ["run"])
+matchmaking_duration = Histogram(
+    "mesh_peer_matchmaking_duration_seconds", "From the start of a round's matchmaking until its group formed", ["run"],
+    buckets=DURATION_BUCKETS,
+)
+allreduce_duration = Histogram(
+    "mesh_peer_allreduce_duration_seconds", "From a formed group's go to the averaged gradients", ["run"],
+    buckets=DURATION_BUCKETS,
+)
+averaging_sent_bytes = Counter(
+    "mesh_peer_averaging_sent_bytes_total",
+    "Bytes this peer sent in gradient all-reduce (estimated from the tensors' wire size and the group size)", ["run"],
+)
+averaging_received_bytes = Counter(
+    "mesh_peer_averaging_received_bytes_total",
+    "Bytes this peer received in gradient all-reduce (estimated from the tensors' wire size and the group size)", ["run"],
+)
+nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
+state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
+state_download_duration = Histogram(
+    "mesh_peer_state_download_duration_seconds", "Duration of a state download from peers", ["run"], buckets=DURATION_BUCKETS
+)
+device_info = Info("mesh_peer_device", "The device this peer trains on")
 
-# bootstrap
-dht_peers = Gauge("mesh_dht_peers", "DHT peers in this node's routing table")
-uptime = Gauge("mesh_process_uptime_seconds", "Seconds since this process started")
+# coordinator
+api_requests = Counter("mesh_api_requests_total", "HTTP requests by method, route template and status", ["method", "route", "status"])
+api_request_duration = Histogram(
+    "mesh_api_request_duration_seconds", "HTTP request latency by method and route template", ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+api_store_duration = Histogram(
+    "mesh_api_store_operation_duration_seconds", "Store operation latency by operation", ["operation"], buckets=LATENCY_BUCKETS
+)
+api_peers = Gauge("mesh_api_peers", "Peers known to the coordinator by run and status", ["run", "status"])
+api_runs = Gauge("mesh_api_runs", "Runs known to the coordinator by status", ["status"])
+api_peers_lost = Counter("mesh_api_peers_lost_total", "Peers that missed 3 heartbeats", ["run"])
+api_ready = Gauge("mesh_api_ready", "1 when the coordinator's store answers, else 0")
 
 
 def init_build_info(role: str) -> None:
-    import hivemind
-    import torch
+    started = time.monotonic()
+    uptime.set_function(lambda: time.monotonic() - started)
+    versions = {"version": __version__, "role": role, "python": platform.python_version()}
+    if role != "api":  # the coordinator stays free of torch unless it watches the DHT
+        import hivemind
+        import torch
 
-    build_info.info(
-        {
-            "version": __version__,
-            "role": role,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "hivemind": hivemind.__version__,
-        }
-    )
+        versions.update(torch=torch.__version__, hivemind=hivemind.__version__)
+    build_info.info(versions)
+
+
+def init_peer(run: str, device: str, gpu: str | None) -> None:
+    """Create every labelled series at zero, so dashboards and rate() see them from the first scrape."""
     for outcome in ("ok", "failed", "local_only"):
-        averaging_rounds.labels(outcome)
-
+        averaging_rounds.labels(run, outcome)
+    for metric in (steps, samples, averaging_sent_bytes, averaging_received_bytes, nonfinite_skips, state_downloads):
+        metric.labels(run)
+    for metric in (epoch, group_size, samples_per_second):
+        metric.labels(run).set(0)
+    device_info.info({"device": device, "gpu": gpu or ""})

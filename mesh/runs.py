@@ -10,7 +10,9 @@ from typing import Callable
 import torch
 from hivemind import DHT
 
+from mesh import metrics
 from mesh.config import RunDefaults
+from mesh.dht import routing_table_size
 from mesh.errors import RunError
 from mesh.records import (
     PRESENCE_TTL,
@@ -95,6 +97,7 @@ class RecordKeeper(threading.Thread):
                 if time.monotonic() >= next_record:
                     publish_run(self.dht, self.record)
                     next_record = time.monotonic() + RECORD_TTL / 3
+                    metrics.dht_peers.set(routing_table_size(self.dht))
             except Exception as err:  # a DHT hiccup must not stop training
                 logger.warning("could not refresh dht records run=%s error=%s", self.record.run_id, err)
             self.stopped.wait(PRESENCE_TTL / 4)

@@ -22,11 +22,13 @@ from typing import Any, Callable
 
 import hivemind
 import torch
+from hivemind.averaging.control import StepControl
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
 from mesh import checkpoint, metrics
 from mesh.errors import ConfigError, RunError
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
+from mesh.rounds import RoundWatcher, record_traffic, wire_bytes
 from mesh.tasks.base import Batch, Task
 
 logger = logging.getLogger(__name__)
@@ -105,11 +107,30 @@ class MeshOptimizer(hivemind.Optimizer):
         except BaseException:  # hivemind already logged why; the peer stepped with its local gradient
             self._record("failed", 1)
 
+    def observe_rounds(self, compression: str) -> None:
+        """Start timing rounds and estimating their traffic (call once, after construction)."""
+        self.watcher = RoundWatcher(self.run_id)
+        self.watcher.start()
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.gradient_wire_bytes = wire_bytes(params, compression, EIGHT_BIT_MIN_SIZE)
+        if self.grad_averager is not None:
+            original = self.grad_averager.step
+
+            def step(*args, **kwargs):
+                control = original(*args, **kwargs)
+                if isinstance(control, StepControl):
+                    self.watcher.watch(control)
+                return control
+
+            self.grad_averager.step = step  # schedule_step() goes through step() too
+
     def _record(self, outcome: str, size: int) -> None:
         self.last_outcome, self.last_group_size = outcome, size
         self.rounds[outcome] = self.rounds.get(outcome, 0) + 1
-        metrics.averaging_rounds.labels(outcome).inc()
-        metrics.group_size.set(size)
+        metrics.averaging_rounds.labels(self.run_id, outcome).inc()
+        metrics.group_size.labels(self.run_id).set(size)
+        if outcome == "ok":
+            record_traffic(self.run_id, getattr(self, "gradient_wire_bytes", 0), size)
         if outcome == "failed":
             logger.warning("averaging round failed epoch=%d; stepped with the local gradient", self.local_epoch)
 
@@ -123,7 +144,8 @@ class MeshOptimizer(hivemind.Optimizer):
         super().load_state_from_peers(**kwargs)
         if self.local_epoch != before:
             self.state_downloads += 1
-            metrics.state_downloads.inc()
+            metrics.state_downloads.labels(self.run_id).inc()
+            metrics.state_download_duration.labels(self.run_id).observe(time.perf_counter() - started)
             logger.info("loaded state from peers epoch=%d seconds=%.2f", self.local_epoch, time.perf_counter() - started)
         else:
             # hivemind returns without state when no peer could serve it (e.g. the swarm's progress records outlive
@@ -209,6 +231,9 @@ class Trainer:
             verbose=False,
         )
         self.opt.rounds = {"ok": 0, "failed": 0, "local_only": 0}
+        self.opt.observe_rounds(record.compression)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        metrics.init_peer(record.run_id, str(device), gpu)
         self.progress = Progress()
         self._epoch_times: list[float] = []
         self._resume()
@@ -257,7 +282,7 @@ class Trainer:
             # never hand a NaN/inf to hivemind: it would be sent to the group and applied by everyone
             self.opt.zero_grad()
             self.progress.nonfinite_skips += 1
-            metrics.nonfinite_skips.inc()
+            metrics.nonfinite_skips.labels(self.record.run_id).inc()
             logger.warning("dropped non-finite gradient step=%d epoch=%d", self.progress.local_steps, self.opt.local_epoch)
             return
         if self.min_step_time is not None:
@@ -266,9 +291,10 @@ class Trainer:
         self.opt.zero_grad()
         self.progress._epoch_losses.append(loss.item())  # CPU-GPU sync point, once per step
         self.progress.samples += self.record.batch_size
-        metrics.steps.inc()
-        metrics.samples.inc(self.record.batch_size)
-        metrics.step_duration.observe(time.perf_counter() - started)
+        run = self.record.run_id
+        metrics.steps.labels(run).inc()
+        metrics.samples.labels(run).inc(self.record.batch_size)
+        metrics.step_duration.labels(run).observe(time.perf_counter() - started)
         if self.opt.local_epoch != self.progress.epoch:
             self._on_new_epoch()
 
@@ -285,9 +311,9 @@ class Trainer:
         p.last_group_size = self.opt.last_group_size
         p.rounds = dict(self.opt.rounds)
         p.state_downloads = self.opt.state_downloads
-        metrics.epoch.set(p.epoch)
-        metrics.loss.set(p.loss)
-        metrics.samples_per_second.set(p.global_samples_per_second)
+        metrics.epoch.labels(self.record.run_id).set(p.epoch)
+        metrics.loss.labels(self.record.run_id).set(p.loss)
+        metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
@@ -357,4 +383,7 @@ class Trainer:
         )
 
     def shutdown(self) -> None:
+        watcher = getattr(self.opt, "watcher", None)
+        if watcher is not None:
+            watcher.stop()
         self.opt.shutdown()

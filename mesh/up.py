@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,9 +93,17 @@ def _read_status(path: Path) -> dict:
         return {}
 
 
-def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: int, api_url: str) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _peer_args(
+    config: UpConfig, join: str, index: int, workdir: Path, threads: int, api_url: str, metrics_port: int
+) -> list[str]:
     args = [
-        "peer", "--join", join, "--coordinator", api_url, "--heartbeat-interval", "2",
+        "peer", "--join", join, "--coordinator", api_url, "--heartbeat-interval", "2", "--metrics-port", str(metrics_port),
         "--run", config.run, "--task", config.task, "--host", "127.0.0.1", "--port", "0",
         "--device", config.device, "--threads", str(threads), "--log-level", config.log_level,
         "--min-peers", str(config.peers),
@@ -166,9 +175,11 @@ def run(config: UpConfig) -> int:
     children: list[Child] = []
     exit_code = 0
     try:
+        metrics_ports = {"bootstrap": free_port(), **{f"peer-{i}": free_port() for i in range(config.peers)}}
         bootstrap = _spawn(
             "bootstrap",
             ["bootstrap", "--host", "127.0.0.1", "--port", "0", "--address-file", str(workdir / "bootstrap.addr"),
+             "--metrics-port", str(metrics_ports["bootstrap"]),
              "--identity", str(workdir / "bootstrap.key"), "--log-level", config.log_level],
             workdir,
             env,
@@ -190,11 +201,14 @@ def run(config: UpConfig) -> int:
         _wait_for(workdir / "api.url", api, STARTUP_TIMEOUT, "its address")
         api_url = (workdir / "api.url").read_text().strip()
         print(f"mesh up: coordinator (embedded store) at {api_url}; status page: {api_url}/", flush=True)
+        where = [f"{name}=http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()]
+        print("mesh up: metrics " + " ".join([*where, f"coordinator={api_url}/metrics"]), flush=True)
         print(f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run}; logs in {workdir}", flush=True)
         print(f"mesh up: join from another terminal with: mesh peer --join {join} --run {config.run}", flush=True)
         peers = []
         for index in range(config.peers):
-            peer = _spawn(f"peer-{index}", _peer_args(config, join, index, workdir, threads, api_url), workdir, env)
+            args = _peer_args(config, join, index, workdir, threads, api_url, metrics_ports[f"peer-{index}"])
+            peer = _spawn(f"peer-{index}", args, workdir, env)
             children.append(peer)
             peers.append(peer)
             if index == 0:  # the first peer creates the run; the others then join it instead of racing to create
