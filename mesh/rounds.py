@@ -25,17 +25,17 @@ class RoundWatcher(threading.Thread):
         self.run_label = run
         self._lock = threading.Lock()
         self._control: StepControl | None = None
-        self._started = self._matched = self._reducing = 0.0
-        self._stopped = threading.Event()
+        self._round_start = self._round_matched = self._round_reducing = 0.0
+        self._halt = threading.Event()
 
     def watch(self, control: StepControl) -> None:
         with self._lock:
             if control is self._control:
                 return
-            self._control, self._started, self._matched, self._reducing = control, time.perf_counter(), 0.0, 0.0
+            self._control, self._round_start, self._round_matched, self._round_reducing = control, time.perf_counter(), 0.0, 0.0
 
     def run(self) -> None:
-        while not self._stopped.wait(POLL_SECONDS):
+        while not self._halt.wait(POLL_SECONDS):
             with self._lock:
                 control = self._control
                 if control is None:
@@ -46,18 +46,18 @@ class RoundWatcher(threading.Thread):
                 except Exception:  # shared memory released at shutdown
                     self._control = None
                     continue
-                if not self._matched and stage.value >= AveragingStage.AWAITING_TRIGGER.value:
-                    self._matched = now
-                    metrics.matchmaking_duration.labels(self.run_label).observe(now - self._started)
-                if not self._reducing and stage.value >= AveragingStage.RUNNING_ALLREDUCE.value:
-                    self._reducing = now
+                if not self._round_matched and stage.value >= AveragingStage.AWAITING_TRIGGER.value:
+                    self._round_matched = now
+                    metrics.matchmaking_duration.labels(self.run_label).observe(now - self._round_start)
+                if not self._round_reducing and stage.value >= AveragingStage.RUNNING_ALLREDUCE.value:
+                    self._round_reducing = now
                 if done:
-                    if self._reducing:
-                        metrics.allreduce_duration.labels(self.run_label).observe(now - self._reducing)
+                    if self._round_reducing:
+                        metrics.allreduce_duration.labels(self.run_label).observe(now - self._round_reducing)
                     self._control = None
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._halt.set()
 
 
 def wire_bytes(parameters: list[torch.Tensor], compression: str, eight_bit_min_size: int) -> int:

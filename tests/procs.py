@@ -110,3 +110,13 @@ def alive(pids: set[int]) -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return living
+
+
+def promtool_check_metrics(url: str) -> str:
+    """Fetch a /metrics page and run ``promtool check metrics`` on it; returns the page."""
+    import urllib.request
+
+    body = urllib.request.urlopen(url, timeout=10).read()
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert result.returncode == 0, (url, result.stdout.decode() + result.stderr.decode())
+    return body.decode()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import peer_args
+from tests.procs import promtool_check_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +58,14 @@ def wait_until(predicate, timeout: float, what: str):
 
 def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:
     api = coordinator + "/api/v1"
+    from tests.integration.test_cli_errors import free_port
+
     extra = ("--min-peers", "2", "--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL))
-    peers = [mesh_procs(n, *_no_join(peer_args("", n, tmp_path, *extra))) for n in ("a", "b")]
+    metrics_port = free_port()
+    peers = [
+        mesh_procs(n, *_no_join(peer_args("", n, tmp_path, *extra, *(("--metrics-port", str(metrics_port)) if n == "a" else ()))))
+        for n in ("a", "b")
+    ]
     # both joined through the coordinator alone (no --join): it handed out the bootstrap address
     alive = wait_until(
         lambda: (page := get(f"{api}/peers?run_id=test&status=alive"))["total"] == 2 and page, 120, "2 alive peers"
@@ -69,6 +76,15 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
     assert [p["epoch"] for p in history] == sorted({p["epoch"] for p in history}) and history[-1]["loss"] is not None
 
     _screenshot_status_page(coordinator)
+
+    # metrics: valid exposition format, and they moved as they should after averaging rounds
+    peer_metrics = promtool_check_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert _sample(peer_metrics, 'mesh_peer_averaging_rounds_total{outcome="ok",run="test"}') >= 1
+    assert _sample(peer_metrics, 'mesh_peer_averaging_sent_bytes_total{run="test"}') > 0
+    assert _sample(peer_metrics, 'mesh_peer_epoch{run="test"}') >= 2
+    api_metrics = promtool_check_metrics(coordinator + "/metrics")
+    assert _sample(api_metrics, 'mesh_api_peers{run="test",status="alive"}') == 2
+    assert 'route="/api/v1/peers/{peer_id}/heartbeat",status="200"' in api_metrics
 
     victim = peers[1]
     victim_id = json.loads(victim.status_file.read_text())["peer_id"]
@@ -87,6 +103,14 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
     assert peers[0].proc.wait(60) == 0, peers[0].output()[-3000:]
     survivor = get(f"{api}/peers/{json.loads(peers[0].status_file.read_text())['peer_id']}")
     assert survivor["status"] == "left"
+
+
+def _sample(page: str, series: str) -> float:
+    """The value of one series in a /metrics page (labels in the order prometheus_client prints them)."""
+    for line in page.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in the metrics page")
 
 
 def _no_join(args: list[str]) -> list[str]:

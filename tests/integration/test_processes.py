@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.integration.test_cli_errors import free_port, mesh
-from tests.procs import REPO, alive
+from tests.procs import REPO, alive, promtool_check_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,8 @@ def test_bootstrap_keeps_its_address_across_restarts_and_serves_health(mesh_proc
     assert f"mesh peer --join {address}" in first.output()  # prints the exact join command
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10))
     assert health["status"] == "ok" and address in health["addrs"]
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
-    assert "mesh_build_info{" in metrics and "mesh_process_uptime_seconds" in metrics
+    metrics = promtool_check_metrics(f"http://127.0.0.1:{http_port}/metrics")
+    assert 'mesh_build_info{' in metrics and 'role="bootstrap"' in metrics and "mesh_process_uptime_seconds" in metrics
 
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(30) == 0
