@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from api.errors import InvalidParameter
-from api.keys import CONFIG, PUBLISH, STORE
+from api.keys import CONFIG, PUBLISH, RUN_CACHE, STORE
 from api.models import (
     PEER_ID,
     RUN_ID,
@@ -149,6 +150,7 @@ async def get_run(request: web.Request) -> web.Response:
 async def stop_run(request: web.Request) -> web.Response:
     run_id = path_id(request, "run_id", RUN_ID)
     run = await store_of(request).set_run_status(run_id, "stopped", utcnow())
+    _forget_run(request, run_id)
     await record_event(store_of(request), "run_stopped", f"run {run_id} stopped; peers leave at their next heartbeat", run_id)
     return reply(run)
 
@@ -192,19 +194,35 @@ async def heartbeat(request: web.Request) -> web.Response:
     peer_id = path_id(request, "peer_id", PEER_ID)
     beat = await parse_body(request, Heartbeat)
     store, now = store_of(request), utcnow()
-    run = await _run_for_heartbeat(store, beat, now)
+    run = await _run_for_heartbeat(request, store, beat, now)
     peer, newly_joined = await store.heartbeat(peer_id, beat, now)
     if newly_joined:
         await record_event(store, "peer_joined", f"peer {peer_id} joined on {beat.device or 'unknown device'}", beat.run_id, peer_id)
     if run.status in ("created", "running") and beat.epoch > run.progress.epoch:
         run = await _advance_run(store, run, beat, now)
+        _forget_run(request, run.run_id)
     return reply(HeartbeatResponse(peer=peer, run_status=run.status, newly_joined=newly_joined))
 
 
-async def _run_for_heartbeat(store: Store, beat: Heartbeat, now: datetime) -> Run:
+# Heartbeats are the hot path (hundreds a second): the run each one names is read from the store at most once a
+# second per run. A stop is still seen within a second, and the handlers that change a run drop its entry.
+RUN_CACHE_SECONDS = 1.0
+
+
+def _forget_run(request: web.Request, run_id: str) -> None:
+    request.app[RUN_CACHE].pop(run_id, None)
+
+
+async def _run_for_heartbeat(request: web.Request, store: Store, beat: Heartbeat, now: datetime) -> Run:
     """The heartbeat's run; a run created in the DHT (not through this API) is recorded on first sight."""
+    cache = request.app[RUN_CACHE]
+    cached = cache.get(beat.run_id)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
     try:
-        return await store.get_run(beat.run_id)
+        run = await store.get_run(beat.run_id)
+        cache[beat.run_id] = (time.monotonic() + RUN_CACHE_SECONDS, run)
+        return run
     except NotFound:
         run = Run(run_id=beat.run_id, task=beat.task or "unknown", status="running", created_at=now, updated_at=now)
         from api.store.base import Conflict
