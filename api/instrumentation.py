@@ -64,5 +64,6 @@ async def refresh_gauges(store: Store) -> None:
     metrics.api_peers.clear()
     for (run, status), count in counts.items():
         metrics.api_peers.labels(run, status).set(count)
+        metrics.api_peers_lost.labels(run)  # exists at 0 before the first loss, so increase() sees the step
     for status, count in runs.items():
         metrics.api_runs.labels(status).set(count)
