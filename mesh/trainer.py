@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -362,16 +363,36 @@ class Trainer:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def run(self, stop: threading.Event, max_epochs: int | None = None, log_every: float = 10.0) -> str:
-        """Train until ``stop`` is set or ``max_epochs`` is reached; returns why it stopped."""
-        next_log = time.monotonic() + log_every
-        while not stop.is_set():
-            if max_epochs is not None and self.opt.local_epoch >= max_epochs:
-                return "max_epochs"
-            self.step()
-            if time.monotonic() >= next_log:
-                next_log = time.monotonic() + log_every
-                self.log_progress()
-        return "stopped"
+        """Train until ``stop`` is set or ``max_epochs`` is reached; returns why it stopped.
+
+        On a terminal, one status line is redrawn in place; elsewhere (containers, files) one log line is written
+        per epoch, and every ``log_every`` seconds while an epoch takes longer."""
+        live = sys.stderr.isatty()
+        last_epoch, next_line, next_draw = self.progress.epoch, time.monotonic() + log_every, 0.0
+        try:
+            while not stop.is_set():
+                if max_epochs is not None and self.opt.local_epoch >= max_epochs:
+                    return "max_epochs"
+                self.step()
+                now = time.monotonic()
+                if live and now >= next_draw:
+                    next_draw = now + 0.5
+                    sys.stderr.write("\r\x1b[2K" + self.status_line())
+                    sys.stderr.flush()
+                elif not live and (self.progress.epoch != last_epoch or now >= next_line):
+                    last_epoch, next_line = self.progress.epoch, now + log_every
+                    self.log_progress()
+            return "stopped"
+        finally:
+            if live:
+                sys.stderr.write("\r\x1b[2K" + self.status_line() + "\n")
+
+    def status_line(self) -> str:
+        p = self.progress
+        return (
+            f"epoch {p.epoch}  loss {p.loss:.4f}  {p.global_samples_per_second:.1f} samples/s (run)  group {p.last_group_size}"
+            f"  rounds ok {self.opt.rounds.get('ok', 0)} failed {self.opt.rounds.get('failed', 0)}  steps {p.local_steps}"
+        )
 
     def log_progress(self) -> None:
         p = self.progress
