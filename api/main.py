@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import signal
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from api.app import create_app
 from mesh import metrics
 from mesh.config import ApiConfig, describe
+from mesh.errors import JoinError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +23,15 @@ async def serve(config: ApiConfig, dht=None) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        if err.errno == errno.EADDRINUSE:
+            raise JoinError(
+                f"port {config.port} on {config.host} is already in use; pick another with --port (0 = any free port)"
+            ) from None
+        raise JoinError(f"cannot listen on {config.host}:{config.port}: {err.strerror}") from None
     port = runner.addresses[0][1]
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{port}"
     store = "mongodb" if config.mongo_url else f"embedded store at {config.db_path}"

@@ -92,6 +92,21 @@ def test_port_already_in_use() -> None:
     assert_one_line_error(result, 3, f"port {port} on 127.0.0.1 is already in use")
 
 
+def test_coordinator_port_already_in_use(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = mesh("api", "--host", "127.0.0.1", "--port", str(port), "--db-path", str(tmp_path / "c.db"))
+    assert_one_line_error(result, 3, f"port {port} on 127.0.0.1 is already in use")
+
+
+def test_bad_mongo_url_and_coordinator_flags() -> None:
+    assert_one_line_error(mesh("api", "--mongo-url", "postgres://x"), 2, "--mongo-url must start with mongodb://")
+    assert_one_line_error(mesh("peer", "--run", "r", "--coordinator", "ftp://x"), 2, "--coordinator must be an http")
+    assert_one_line_error(mesh("peer", "--run", "auto", "--task", "regression"), 2, "--run auto needs --coordinator")
+
+
 def test_run_nobody_created(bootstrap: str, tmp_path: Path) -> None:
     result = mesh(*peer_args(bootstrap, "p", tmp_path, run="no-such-run", task=None))
     assert_one_line_error(result, 4, "run 'no-such-run' does not exist", "--task")
