@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from api.errors import InvalidParameter
-from api.keys import CONFIG, PUBLISH, RUN_CACHE, STORE
+from api.keys import ADVANCE_LOCK, CONFIG, PUBLISH, RUN_CACHE, STORE
 from api.models import (
     PEER_ID,
     RUN_ID,
@@ -199,8 +199,11 @@ async def heartbeat(request: web.Request) -> web.Response:
     if newly_joined:
         await record_event(store, "peer_joined", f"peer {peer_id} joined on {beat.device or 'unknown device'}", beat.run_id, peer_id)
     if run.status in ("created", "running") and beat.epoch > run.progress.epoch:
-        run = await _advance_run(store, run, beat, now)
-        _forget_run(request, run.run_id)
+        async with request.app[ADVANCE_LOCK]:  # two peers reaching epochs 6 and 7 at once: only forward
+            run = await store.get_run(run.run_id)
+            if beat.epoch > run.progress.epoch:
+                run = await _advance_run(store, run, beat, now)
+            _forget_run(request, run.run_id)
     return reply(HeartbeatResponse(peer=peer, run_status=run.status, newly_joined=newly_joined))
 
 

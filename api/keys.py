@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from api.store.base import Store
@@ -13,3 +15,5 @@ PUBLISH = web.AppKey("publish", object)
 CONFIG = web.AppKey("config", ApiConfig)
 # the heartbeat path's short-lived cache of runs: run_id -> (expires at, monotonic seconds; Run)
 RUN_CACHE = web.AppKey("run_cache", dict)
+# serialises the rare "a run reached a new epoch" update, so progress never moves backwards
+ADVANCE_LOCK = web.AppKey("advance_lock", asyncio.Lock)

@@ -29,12 +29,15 @@ def join(addrs: tuple[str, ...], timeout: float = 30.0) -> DHT:
     return start_dht(NetworkConfig(join=addrs, host="127.0.0.1", client_mode=True, join_timeout=timeout))
 
 
-async def _reports_itself(store: Store, peer_id: str, fresh_within: float) -> bool:
-    """True when the peer heartbeats over HTTP: its own report is richer than its DHT presence, keep it."""
+async def _skip(store: Store, peer_id: str, presence_time: float, fresh_within: float) -> bool:
+    """Keep the stored record when the peer reports itself over HTTP (richer than its DHT presence), or when it
+    left after this presence was published (the presence outlives a graceful leave by up to its TTL)."""
     try:
         peer = await store.get_peer(peer_id)
     except NotFound:
         return False
+    if peer.status == "left" and peer.left_at is not None and peer.left_at.timestamp() >= presence_time:
+        return True
     return peer.source == "heartbeat" and (utcnow() - peer.last_seen).total_seconds() < fresh_within
 
 
@@ -64,7 +67,7 @@ async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tu
                 await store.get_run(presence.run_id)
             except NotFound:
                 continue  # the peer's run record has not reached us yet
-        if not await _reports_itself(store, peer_id, fresh_within):
+        if not await _skip(store, peer_id, presence.time, fresh_within):
             await store.heartbeat(peer_id, beat, utcnow(), source="dht")
     return added, len(peers)
 

@@ -365,13 +365,18 @@ def load_file(path: Path | None, section: str) -> dict[str, Any]:
         data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text.decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
     except (ValueError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'TOML'}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
     sections = {"bootstrap", "peer", "up", "doctor", "api", "status"}
     merged = {k.replace("-", "_"): v for k, v in data.items() if k not in sections}
-    merged.update({k.replace("-", "_"): v for k, v in (data.get(section) or {}).items()})
+    table = data.get(section) or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] in config file {path} must be a table of settings")
+    merged.update({k.replace("-", "_"): v for k, v in table.items()})
     return merged
 
 

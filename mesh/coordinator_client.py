@@ -20,7 +20,7 @@ def _get(url: str) -> Any:
         if err.code == 404:
             return None
         raise JoinError(f"the coordinator at {url} answered HTTP {err.code}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise JoinError(f"cannot reach the coordinator at {url}: {reason}; check --coordinator, or join with --join ADDR") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -36,7 +37,14 @@ def serve(host: str, port: int, health: Callable[[], dict]) -> ThreadingHTTPServ
         def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        from mesh.errors import JoinError
+
+        if err.errno == errno.EADDRINUSE:
+            raise JoinError(f"metrics port {port} on {host} is already in use; pick another with --metrics-port (0 = any)") from None
+        raise JoinError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     logger.info("http listening url=http://%s:%d/metrics health=/healthz", host, server.server_address[1])

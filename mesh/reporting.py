@@ -68,13 +68,13 @@ class Reporter(threading.Thread):
             await self._leave(session)
 
     async def _beat(self, session: aiohttp.ClientSession) -> float:
-        body = {**self.snapshot(), "version": __version__, "host": platform.node()}
         try:
+            body = {**self.snapshot(), "version": __version__, "host": platform.node()}
             async with session.put(f"{self.base}/peers/{self.peer_id}/heartbeat", json=body) as response:
                 if response.status >= 400:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
                 answer = await response.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as err:
+        except Exception as err:  # whatever goes wrong, training goes on and we retry
             self.failures += 1
             backoff = min(self.max_backoff, self.interval * 2 ** min(self.failures, 6))
             if self.failures == 1 or self.failures % 10 == 0:

@@ -46,6 +46,9 @@ class RoundWatcher(threading.Thread):
                 except Exception:  # shared memory released at shutdown
                     self._control = None
                     continue
+                if done and (control.cancelled() or control.exception() is not None):
+                    self._control = None  # a failed round: FINISHED is set on failure too, so it says nothing here
+                    continue
                 if not self._round_matched and stage.value >= AveragingStage.AWAITING_TRIGGER.value:
                     self._round_matched = now
                     metrics.matchmaking_duration.labels(self.run_label).observe(now - self._round_start)

@@ -25,7 +25,7 @@ def _get(config: StatusConfig, path: str) -> Any:
         except Exception:
             message = err.reason
         raise JoinError(f"the coordinator answered HTTP {err.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, ValueError) as err:
         raise JoinError(f"cannot reach the coordinator at {config.coordinator}: {getattr(err, 'reason', err)}") from None
 
 

@@ -166,7 +166,7 @@ def run(config: UpConfig) -> int:
     stop = lifecycle.install_stop_handlers()
     workdir = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="mesh-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in workdir.glob("*.json"):
+    for stale in [*workdir.glob("peer-*.json"), *workdir.glob("peer-*.tmp")]:  # only our own status files
         stale.unlink()
     (workdir / "bootstrap.addr").unlink(missing_ok=True)
     threads = config.threads_per_peer or max(1, (os.cpu_count() or 1) // config.peers)

@@ -14,7 +14,7 @@ import torch
 
 from mesh import checkpoint, coordinator_client, httpserve, lifecycle, metrics
 from mesh.config import PeerConfig, describe
-from mesh.dht import start_dht, visible_maddrs
+from mesh.dht import check_port_free, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
 from mesh.reporting import Reporter
 from mesh.runs import RecordKeeper, join_or_create
@@ -34,6 +34,8 @@ def run(config: PeerConfig) -> int:
     if config.checkpoint_dir is not None:
         checkpoint.ensure_writable(config.checkpoint_dir)
     device = pick_device(config.device)
+    if config.metrics_port:
+        check_port_free(config.host, config.metrics_port)
     if config.threads:
         torch.set_num_threads(config.threads)
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from api.models import Event, Heartbeat, HistoryPoint, Peer, PeerStatus, Run, RunProgress, RunStatus
 from api.store.base import MAX_LIMIT, Conflict, NotFound, Store, Unavailable, reported, stored, stored_time
+from mesh.errors import ConfigError
 
 T = TypeVar("T")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -120,6 +121,8 @@ class EmbeddedStore(Store):
             await asyncio.to_thread(self._connect)
         except sqlite3.OperationalError as exc:
             raise Unavailable(f"cannot open embedded store {self.path}: {exc}") from exc
+        except (sqlite3.DatabaseError, OSError) as exc:  # not a database file, or a folder we cannot create
+            raise ConfigError(f"cannot use --db-path {self.path}: {exc}") from None
 
     async def close(self) -> None:
         await asyncio.to_thread(self._disconnect)

@@ -15,10 +15,11 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError
+from pymongo.errors import ConfigurationError, ConnectionFailure, DuplicateKeyError, OperationFailure
 
 from api.models import Event, Heartbeat, HistoryPoint, Peer, PeerStatus, Run, RunProgress, RunStatus
 from api.store.base import MAX_LIMIT, Conflict, NotFound, Store, Unavailable, reported, stored, stored_time
+from mesh.errors import ConfigError
 
 Doc = dict[str, Any]
 AFTER = ReturnDocument.AFTER
@@ -65,14 +66,20 @@ class MongoStore(Store):
     # lifecycle
     async def open(self) -> None:
         if self._client is None:
-            self._client = AsyncMongoClient(
-                self.url, tz_aware=True, tzinfo=timezone.utc, serverSelectionTimeoutMS=self.timeout_ms,
-                connectTimeoutMS=self.timeout_ms, socketTimeoutMS=self.timeout_ms,
-            )
-        async with self._db() as db:
-            for name, indexes in INDEXES.items():
-                for keys, unique in indexes:
-                    await db[name].create_index(keys, unique=unique)
+            try:
+                self._client = AsyncMongoClient(
+                    self.url, tz_aware=True, tzinfo=timezone.utc, serverSelectionTimeoutMS=self.timeout_ms,
+                    connectTimeoutMS=self.timeout_ms, socketTimeoutMS=self.timeout_ms,
+                )
+            except (ConfigurationError, ValueError) as exc:  # a malformed URL or option, a DNS name that does not resolve
+                raise ConfigError(f"--mongo-url is not usable: {exc}") from None
+        try:
+            async with self._db() as db:
+                for name, indexes in INDEXES.items():
+                    for keys, unique in indexes:
+                        await db[name].create_index(keys, unique=unique)
+        except OperationFailure as exc:  # typically wrong credentials or missing rights
+            raise ConfigError(f"MongoDB refused the coordinator: {exc.details or exc}") from None
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -107,6 +107,20 @@ def test_bad_mongo_url_and_coordinator_flags() -> None:
     assert_one_line_error(mesh("peer", "--run", "auto", "--task", "regression"), 2, "--run auto needs --coordinator")
 
 
+def test_more_bad_inputs_get_one_line(tmp_path: Path) -> None:
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("this is not a database " * 100)
+    assert_one_line_error(mesh("api", "--port", "0", "--db-path", str(not_a_db)), 2, "cannot use --db-path")
+    assert_one_line_error(mesh("api", "--port", "0", "--mongo-url", "mongodb://h:99999"), 2, "--mongo-url is not usable")
+    assert_one_line_error(mesh("peer", "--run", "r", "--config", str(tmp_path)), 2, "cannot be read")
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = mesh("peer", "--run", "r", "--task", "regression", "--metrics-port", str(port))
+    assert_one_line_error(result, 3, f"port {port}", "already in use")
+
+
 def test_run_nobody_created(bootstrap: str, tmp_path: Path) -> None:
     result = mesh(*peer_args(bootstrap, "p", tmp_path, run="no-such-run", task=None))
     assert_one_line_error(result, 4, "run 'no-such-run' does not exist", "--task")

@@ -123,7 +123,7 @@ def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, me
     started = time.monotonic()
     peer.proc.send_signal(signal.SIGTERM)
     assert wait_exit(peer, 30) == 0, peer.output()[-3000:]
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 25  # the 15 s bound, plus up to 6 s to terminate and kill what is left
     deadline = time.monotonic() + 10
     while alive(helpers) and time.monotonic() < deadline:
         time.sleep(0.2)
