@@ -320,9 +320,13 @@ class Trainer:
             self.save_checkpoint()
 
     def write_status(self, **extra: Any) -> None:
+        """Write the status file; ``state`` (waiting, training, left) is remembered for later epochs' writes."""
+        self.state = extra.pop("state", getattr(self, "state", "starting"))
         if self.status_file is None:
             return
-        data = self.progress.snapshot(run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), **extra)
+        data = self.progress.snapshot(
+            run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), state=self.state, **extra
+        )
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.status_file)
