@@ -35,5 +35,9 @@ test: install system-deps
 test-all: install system-deps
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
+# Benchmarks print figures (ratios against their targets); they are not tests.
+bench: install
+	$(PY) -m tests.bench.heartbeat
+
 clean:
 	rm -rf $(VENV) .pytest_cache
