@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from mesh.up import free_port  # noqa: F401  (shared with the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -120,3 +122,14 @@ def promtool_check_metrics(url: str) -> str:
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert result.returncode == 0, (url, result.stdout.decode() + result.stderr.decode())
     return body.decode()
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"no {what} within {timeout}s")

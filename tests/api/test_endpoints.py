@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -13,16 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
 from mesh.config import ApiConfig
+from tests.procs import free_port
 
 PEER = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
 PEER2 = "12D3KooWKtf7Ywz3eqtHB67LZNee5urcZCorNtUUT6KHq7eewJXY"
 BOOT = f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER2}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def make_client(tmp_path: Path, **overrides) -> TestClient:

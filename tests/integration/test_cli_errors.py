@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import peer_args
-from tests.procs import REPO
+from tests.procs import REPO, free_port
 
 VALID_ID = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
 
@@ -45,12 +45,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_malformed_multiaddr() -> None:

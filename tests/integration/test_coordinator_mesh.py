@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import peer_args
-from tests.procs import promtool_check_metrics
+from tests.procs import promtool_check_metrics, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,6 @@ def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
     )
     api.wait_for(url_file.exists, 60, "its address")
     return url_file.read_text().strip()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"no {what} within {timeout}s")
 
 
 def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:

@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import peer_args
-from tests.integration.test_cli_errors import free_port
-from tests.procs import REPO
+from tests.procs import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +45,6 @@ def alert_rules() -> list[tuple[str, str]]:
     return [(rule["alert"], rule["expr"]) for group in rules["groups"] for rule in group["rules"]]
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"no {what} within {timeout}s")
-
-
 @pytest.fixture
 def prometheus(tmp_path: Path):
     """Starts Prometheus on 127.0.0.1 with a scrape config written by the test; yields (base_url, configure)."""
@@ -75,7 +64,7 @@ def prometheus(tmp_path: Path):
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _ready(base), 60, "Prometheus ready")
+        wait_until(lambda: _ready(base), 60, "Prometheus ready", poll=1)
         return base
 
     yield start
@@ -139,4 +128,4 @@ def test_prometheus_scrapes_the_mesh_and_every_panel_and_alert_evaluates(mesh_pr
     assert query(base, lost_expr)["data"]["result"] == []
     peers["b"].remember_descendants()
     os.killpg(peers["b"].proc.pid, signal.SIGKILL)
-    wait_until(lambda: query(base, lost_expr)["data"]["result"], 60, "MeshPeerLost expression true")
+    wait_until(lambda: query(base, lost_expr)["data"]["result"], 60, "MeshPeerLost expression true", poll=1)
