@@ -16,11 +16,16 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Debian packages the tests use: a real browser for the status page test, promtool (package prometheus) for the
-# Prometheus config, alert rules and dashboard queries in docker/.
+# Prometheus config, alert rules and dashboard queries in docker/, podman (with runc and uidmap) and debootstrap to
+# build and run the images (tests/containers). kubectl, for `kubectl kustomize`, comes with the machine image.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
+	command -v runc >/dev/null 2>&1 || missing="$$missing runc"; \
+	command -v newuidmap >/dev/null 2>&1 || missing="$$missing uidmap"; \
+	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

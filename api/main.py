@@ -13,7 +13,7 @@ from aiohttp import web
 from api.app import create_app
 from mesh import metrics
 from mesh.config import ApiConfig, describe
-from mesh.errors import JoinError
+from mesh.errors import ConfigError, JoinError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,13 @@ def run(config: ApiConfig) -> int:
         pass
     dht = None
     if config.join:
-        from api import observer
+        try:
+            from api import observer
+        except ImportError as err:
+            raise ConfigError(
+                f"--join needs hivemind and torch ({err.name} is not installed): the coordinator image watches no DHT; "
+                "run `mesh api --join` from the peer image or a full install, or drop --join"
+            ) from None
 
         dht = observer.join(config.join)  # before the event loop and any thread: hivemind forks
         if not config.bootstrap:

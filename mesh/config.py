@@ -62,7 +62,8 @@ class NetworkConfig:
     """How a process listens on and joins the DHT (shared by bootstrap, peer and doctor)."""
 
     join: tuple[str, ...] = ()
-    """Multiaddrs of live DHT peers to join through (the bootstrap's or any peer's); repeatable."""
+    """Multiaddrs of live DHT peers to join through (the bootstrap's or any peer's), or the bootstrap's health URL
+    (http://HOST:METRICS_PORT/healthz) to read them from; repeatable."""
     host: str = "0.0.0.0"
     """Interface to listen on for libp2p connections."""
     port: int = 0

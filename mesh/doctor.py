@@ -11,7 +11,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2
 
 from mesh.config import DoctorConfig, NetworkConfig
-from mesh.dht import parse_multiaddr, start_dht, visible_maddrs
+from mesh.dht import parse_multiaddr, resolve_join, start_dht, visible_maddrs
 from mesh.errors import MeshError
 
 
@@ -78,7 +78,12 @@ def _check_bootstrap(config: DoctorConfig, maddr) -> int:
 def run(config: DoctorConfig) -> int:
     failures = 0
     targets = []
-    for addr in config.join:
+    try:
+        addrs = resolve_join(config.join, config.join_timeout)
+    except MeshError as err:
+        _say("FAIL", str(err))
+        return 1
+    for addr in addrs:
         try:
             targets.append(parse_multiaddr(addr))
             _say("ok", f"address parses: {addr}")

@@ -40,20 +40,32 @@ class _DropCancellationNoise(logging.Filter):
         return not any(noise in message for noise in _CANCELLATION_NOISE)
 
 
+_level = "info"
+
+
 def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
+    """Set up the root logger. The coordinator and ``mesh status`` do not route hivemind here, so they import no
+    torch (the coordinator image has neither); ``start_dht`` routes it when they do join the DHT."""
+    global _level
+    _level = level.lower()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         prefix = f"{role} " if role else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    if level.lower() != "debug":
+    if _level != "debug":
         handler.addFilter(_DropCancellationNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # hivemind is chatty at INFO (every matchmaking step); route it through our handler, one level quieter
+    if role not in ("api", "status"):
+        route_hivemind()
+
+
+def route_hivemind() -> None:
+    """hivemind is chatty at INFO (every matchmaking step): send it through our handler, one level quieter."""
     from hivemind.utils import logging as hm_logging
 
     hm_logging.use_hivemind_log_handler("nowhere")
-    logging.getLogger("hivemind").setLevel("DEBUG" if level.lower() == "debug" else "WARNING")
+    logging.getLogger("hivemind").setLevel("DEBUG" if _level == "debug" else "WARNING")
