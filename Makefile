@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps up test test-all bench clean
+.PHONY: install system-deps up test test-quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,13 @@ system-deps:
 up: install
 	$(VENV)/bin/mesh up
 
+# Everything, the container test included (what CI runs).
 test: install system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-all: install system-deps
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+# The default suite: everything but the container test (image builds take minutes).
+test-quick: install system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print figures (ratios against their targets); they are not tests.
 bench: install

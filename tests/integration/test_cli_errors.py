@@ -60,6 +60,13 @@ def test_bootstrap_that_does_not_answer() -> None:
     assert time.monotonic() - started < 60
 
 
+def test_join_url_with_no_bootstrap_behind_it() -> None:
+    port = free_port()
+    result = mesh("peer", "--join", f"http://127.0.0.1:{port}/healthz", "--run", "r", "--task", "regression",
+                  "--host", "127.0.0.1", "--join-timeout", "2")
+    assert_one_line_error(result, 3, f"could not read the bootstrap's addresses from http://127.0.0.1:{port}/healthz within 2s")
+
+
 def test_unknown_task_name() -> None:
     result = mesh("peer", "--run", "r", "--task", "resnet9000")
     assert_one_line_error(result, 2, "resnet9000")

@@ -1,0 +1,98 @@
+"""``--join http://bootstrap:9100/healthz``: the bootstrap's addresses read from its health URL (how compose and
+Kubernetes name the bootstrap before its peer id is known), and the container health probe."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mesh import probe
+from mesh.dht import resolve_join
+from mesh.errors import JoinError
+
+PEER_ID = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
+ADDR = f"/dns4/mesh-bootstrap-0.mesh-bootstrap/tcp/31337/p2p/{PEER_ID}"
+
+
+@pytest.fixture
+def server():
+    """A one-route HTTP server on 127.0.0.1:0; ``replies`` is the queue of (status, body) it answers with."""
+    replies: list[tuple[int, bytes]] = []
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            status, body = replies.pop(0) if len(replies) > 1 else replies[0]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", replies, seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_multiaddrs_pass_through_unchanged():
+    assert resolve_join((ADDR, "/ip4/10.0.0.1/tcp/1/p2p/" + PEER_ID), timeout=1) == [ADDR, "/ip4/10.0.0.1/tcp/1/p2p/" + PEER_ID]
+
+
+def test_health_url_gives_the_bootstraps_addrs(server):
+    base, replies, seen = server
+    replies.append((200, json.dumps({"status": "ok", "peer_id": PEER_ID, "addrs": [ADDR]}).encode()))
+    other = "/ip4/10.0.0.2/tcp/2/p2p/" + PEER_ID
+    assert resolve_join((f"{base}/healthz", other), timeout=5) == [ADDR, other]
+    assert seen == ["/healthz"]
+
+
+def test_health_url_is_retried_while_the_bootstrap_starts(server):
+    base, replies, seen = server
+    replies += [(503, b"starting"), (200, b"not json"), (200, json.dumps({"addrs": [ADDR]}).encode())]
+    assert resolve_join((f"{base}/healthz",), timeout=10) == [ADDR]
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"addrs": []}', b"<html>", b'{"addrs": "x"}'])
+def test_a_url_that_is_not_a_bootstraps_health_fails_clearly(server, body):
+    base, replies, _ = server
+    replies.append((200, body))
+    with pytest.raises(JoinError, match=r"could not read the bootstrap's addresses from http://127\.0\.0\.1:\d+/x within 1s"):
+        resolve_join((f"{base}/x",), timeout=1)
+
+
+def test_nothing_listening_fails_within_the_timeout():
+    from mesh.up import free_port
+
+    with pytest.raises(JoinError, match="is the bootstrap running"):
+        resolve_join((f"http://127.0.0.1:{free_port()}/healthz",), timeout=1)
+
+
+def test_probe_reads_the_port_from_the_same_variables_as_the_process():
+    assert probe.url_for("metrics", {}) == "http://127.0.0.1:9100/healthz"
+    assert probe.url_for("metrics", {"MESH_METRICS_PORT": "9200"}) == "http://127.0.0.1:9200/healthz"
+    assert probe.url_for("api", {"MESH_PORT": "18080"}) == "http://127.0.0.1:18080/api/v1/health"
+
+
+def test_probe_exit_codes(server, monkeypatch, capsys):
+    base, replies, _ = server
+    port = base.rsplit(":", 1)[1]
+    monkeypatch.setenv("MESH_METRICS_PORT", port)
+    replies.append((200, b"{}"))
+    assert probe.main(["metrics"]) == 0
+    replies[0] = (500, b"{}")
+    assert probe.main(["metrics"]) == 1
+    assert probe.main(["nonsense"]) == 2
+    from mesh.up import free_port
+
+    monkeypatch.setenv("MESH_METRICS_PORT", str(free_port()))
+    assert probe.main(["metrics"]) == 1
+    assert "unhealthy" in capsys.readouterr().err
