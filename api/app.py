@@ -15,7 +15,7 @@ from api.auth import make_auth_middleware
 from api.errors import error_middleware
 from api.handlers import mark_lost_peers
 from api.instrumentation import TimedStore, metrics_middleware, refresh_gauges
-from api.keys import ADVANCE_LOCK, CONFIG, PUBLISH, RUN_CACHE, STORE
+from api.keys import ADVANCE_LOCK, BOOTSTRAP_CACHE, CONFIG, PUBLISH, RUN_CACHE, STORE
 from api.store.base import Store, StoreError, Unavailable
 from mesh.config import ApiConfig
 
@@ -117,6 +117,7 @@ def create_app(config: ApiConfig, store: Store | None = None, dht=None) -> web.A
     app[CONFIG] = config
     app[STORE] = TimedStore(store or make_store(config))
     app[RUN_CACHE] = {}
+    app[BOOTSTRAP_CACHE] = {}
     app[ADVANCE_LOCK] = asyncio.Lock()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_lost_monitor_ctx)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -13,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from api.errors import InvalidParameter
-from api.keys import ADVANCE_LOCK, CONFIG, PUBLISH, RUN_CACHE, STORE
+from api.keys import ADVANCE_LOCK, BOOTSTRAP_CACHE, CONFIG, PUBLISH, RUN_CACHE, STORE
 from api.models import (
     PEER_ID,
     RUN_ID,
@@ -34,7 +35,8 @@ from api.models import (
     utcnow,
 )
 from api.store.base import MAX_LIMIT, NotFound, Store
-from mesh import __version__, metrics
+from mesh import __version__, join_url, metrics
+from mesh.errors import JoinError
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +115,35 @@ async def summary(request: web.Request) -> web.Response:
     peers = dict.fromkeys(PEER_STATUSES, 0)
     for (_run, status), count in (await store.count_peers()).items():
         peers[status] = peers.get(status, 0) + count
-    return reply(Summary(runs=runs, peers=peers, bootstrap=list(request.app[CONFIG].bootstrap), version=__version__))
+    return reply(Summary(runs=runs, peers=peers, bootstrap=await bootstrap_addrs(request.app), version=__version__))
 
 
 async def bootstrap(request: web.Request) -> web.Response:
-    return reply(Bootstrap(addrs=list(request.app[CONFIG].bootstrap)))
+    return reply(Bootstrap(addrs=await bootstrap_addrs(request.app)))
+
+
+BOOTSTRAP_CACHE_SECONDS = 10.0
+
+
+async def bootstrap_addrs(app: web.Application) -> list[str]:
+    """``--bootstrap`` as multiaddrs: a bootstrap's health URL is replaced by the addresses it lists (cached), so a
+    peer that asks from another machine gets the announced multiaddr, not a service name only resolvable here.
+    A URL that has never answered is handed out as it is: the peer retries it itself."""
+    addrs: list[str] = []
+    cache = app[BOOTSTRAP_CACHE]
+    for entry in app[CONFIG].bootstrap:
+        if not join_url.is_url(entry):
+            addrs.append(entry)
+            continue
+        expires, fetched = cache.get(entry, (0.0, None))
+        if time.monotonic() >= expires:
+            try:
+                fetched = await asyncio.to_thread(join_url.fetch_addrs, entry, 0.0)
+                cache[entry] = (time.monotonic() + BOOTSTRAP_CACHE_SECONDS, fetched)
+            except JoinError as err:  # keep what it listed last time, if anything
+                logger.warning("bootstrap url does not answer url=%s error=%s", entry, err)
+        addrs.extend(fetched or [entry])
+    return addrs
 
 
 # runs

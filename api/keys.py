@@ -15,5 +15,7 @@ PUBLISH = web.AppKey("publish", object)
 CONFIG = web.AppKey("config", ApiConfig)
 # the heartbeat path's short-lived cache of runs: run_id -> (expires at, monotonic seconds; Run)
 RUN_CACHE = web.AppKey("run_cache", dict)
+# the bootstrap's addresses read from its health URL: url -> (expires at, monotonic seconds; addrs)
+BOOTSTRAP_CACHE = web.AppKey("bootstrap_cache", dict)
 # serialises the rare "a run reached a new epoch" update, so progress never moves backwards
 ADVANCE_LOCK = web.AppKey("advance_lock", asyncio.Lock)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import time
-import urllib.request
 
 from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
-from mesh import asyncio_guard, logs
+from mesh import asyncio_guard, join_url, logs
 from mesh.config import NetworkConfig
 from mesh.errors import JoinError
 from mesh.records import RUN_RECORD_VALIDATOR
@@ -69,42 +67,13 @@ def check_port_free(host: str, port: int) -> None:
             raise JoinError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
-def resolve_join(entries: tuple[str, ...], timeout: float) -> list[str]:
-    """Multiaddrs to join through. An ``http(s)://`` entry is a bootstrap's health URL (``/healthz`` on its metrics
-    port): its ``addrs`` are fetched, retried until ``timeout`` while the bootstrap starts. This lets compose and
-    Kubernetes name the bootstrap by service before its peer id is known."""
-    addrs: list[str] = []
-    for entry in entries:
-        if not entry.startswith(("http://", "https://")):
-            addrs.append(entry)
-            continue
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(entry, timeout=5) as response:
-                    fetched = json.loads(response.read())["addrs"]
-                if not isinstance(fetched, list) or not fetched:
-                    raise ValueError("no addrs in the reply")
-                break
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                if time.monotonic() >= deadline:
-                    raise JoinError(
-                        f"could not read the bootstrap's addresses from {entry} within {timeout:g}s ({err}); "
-                        "is it the bootstrap's /healthz URL (its --metrics-port), and is the bootstrap running?"
-                    ) from None
-                time.sleep(1.0)
-        logger.info("join addresses url=%s addrs=%s", entry, ",".join(fetched))
-        addrs.extend(str(addr) for addr in fetched)
-    return addrs
-
-
 def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT:
     """Start this process's DHT node and join the mesh through ``config.join``.
 
     Raises JoinError when an address is malformed, the port is taken, or nobody answers within ``join_timeout``.
     """
     logs.route_hivemind()
-    initial_peers = [str(parse_multiaddr(addr)) for addr in resolve_join(config.join, config.join_timeout)]
+    initial_peers = [str(parse_multiaddr(addr)) for addr in join_url.resolve(config.join, config.join_timeout)]
     for addr in config.announce:
         try:
             announced = Multiaddr(addr)

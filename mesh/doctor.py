@@ -10,8 +10,9 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2
 
+from mesh import join_url
 from mesh.config import DoctorConfig, NetworkConfig
-from mesh.dht import parse_multiaddr, resolve_join, start_dht, visible_maddrs
+from mesh.dht import parse_multiaddr, start_dht, visible_maddrs
 from mesh.errors import MeshError
 
 
@@ -36,15 +37,16 @@ async def _ping_back(_dht, node, *, peer_id: PeerID, timeout: float):
     return bool(response.peer.node_id), float(response.dht_time), bool(response.available)
 
 
-def _check_bootstrap(config: DoctorConfig, maddr) -> int:
-    """Join through one address, then ask that peer to connect back to us. Returns the number of failures."""
+def _check_bootstrap(config: DoctorConfig, maddr, fail: str = "FAIL") -> int:
+    """Join through one address, then ask that peer to connect back to us. Returns the number of failures;
+    ``fail`` is how a failure is printed (``warn`` while other addresses of the same bootstrap remain to try)."""
     joined = NetworkConfig(
         join=(str(maddr),), host=config.host, port=config.port, announce=config.announce, join_timeout=config.join_timeout
     )
     try:
         dht = start_dht(joined, require_join=False)
     except MeshError:
-        _say("FAIL", f"the bootstrap at {maddr} does not answer within {config.join_timeout:g}s; is it running, and is its port open?")
+        _say(fail, f"the bootstrap at {maddr} does not answer within {config.join_timeout:g}s; is it running, and is its port open?")
         return 1
     try:
         peer_id = PeerID.from_base58(maddr.value_for_protocol("p2p"))
@@ -53,10 +55,10 @@ def _check_bootstrap(config: DoctorConfig, maddr) -> int:
             future = dht.run_coroutine(partial(_ping_back, peer_id=peer_id, timeout=config.join_timeout), return_future=True)
             answered, remote_time, available = future.result(config.join_timeout + 5)
         except Exception as err:
-            _say("FAIL", f"the bootstrap at {maddr} does not answer ({type(err).__name__}: {err}); is it running, and is its port open?")
+            _say(fail, f"the bootstrap at {maddr} does not answer ({type(err).__name__}: {err}); is it running, and is its port open?")
             return 1
         if not answered:
-            _say("FAIL", f"the bootstrap at {maddr} does not answer; is it running, and is its port open?")
+            _say(fail, f"the bootstrap at {maddr} does not answer; is it running, and is its port open?")
             return 1
         _say("ok", f"the bootstrap answers ({(time.monotonic() - sent) * 1000:.0f} ms round trip)")
         skew = abs(remote_time - time.time()) if remote_time else 0.0
@@ -77,19 +79,25 @@ def _check_bootstrap(config: DoctorConfig, maddr) -> int:
 
 def run(config: DoctorConfig) -> int:
     failures = 0
-    targets = []
-    try:
-        addrs = resolve_join(config.join, config.join_timeout)
-    except MeshError as err:
-        _say("FAIL", str(err))
-        return 1
-    for addr in addrs:
+    # Each --join entry is one bootstrap: a multiaddr, or a health URL whose addresses are alternatives (its
+    # loopback and container addresses may not be reachable from here; one that answers is enough).
+    groups = []
+    for entry in config.join:
         try:
-            targets.append(parse_multiaddr(addr))
-            _say("ok", f"address parses: {addr}")
+            addrs = join_url.fetch_addrs(entry, config.join_timeout) if join_url.is_url(entry) else [entry]
         except MeshError as err:
             _say("FAIL", str(err))
             failures += 1
+            continue
+        group = []
+        for addr in addrs:
+            try:
+                group.append(parse_multiaddr(addr))
+                _say("ok", f"address parses: {addr}")
+            except MeshError as err:
+                _say("FAIL", str(err))
+                failures += 1
+        groups.append(group)
     if failures:
         return 1
 
@@ -106,10 +114,14 @@ def run(config: DoctorConfig) -> int:
     _say("ok", f"listening on {', '.join(addrs) or 'nothing'}")
     probe.shutdown()
 
-    if not targets:
+    if not groups:
         _say("warn", "no --join given: only local checks were run")
-    for maddr in targets:
-        failures += _check_bootstrap(config, maddr)
+    for group in groups:
+        for i, maddr in enumerate(group):
+            last = i == len(group) - 1
+            if _check_bootstrap(config, maddr, fail="FAIL" if last else "warn") == 0:
+                break
+            failures += last
     if kinds <= {"loopback"}:
         _say("warn", "only loopback addresses are visible: other machines cannot reach this host (use --host 0.0.0.0)")
     elif "public" not in kinds and not config.announce:

@@ -27,14 +27,15 @@ def main(argv: list[str]) -> int:
         print(f"usage: python -m mesh.probe {{{'|'.join(TARGETS)}}}", file=sys.stderr)
         return 2
     url = url_for(argv[0], dict(os.environ))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
     try:
-        with urllib.request.urlopen(url, timeout=4) as response:
-            ok = response.status == 200
+        with opener.open(url, timeout=4):  # any status but 2xx raises
+            pass
     except OSError as err:
         print(f"unhealthy: {url}: {err}", file=sys.stderr)
         return 1
-    print(f"{'healthy' if ok else 'unhealthy'}: {url}")
-    return 0 if ok else 1
+    print(f"healthy: {url}")
+    return 0
 
 
 if __name__ == "__main__":

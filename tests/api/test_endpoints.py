@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
@@ -20,7 +21,7 @@ BOOT = f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER2}"
 
 
 async def make_client(tmp_path: Path, **overrides) -> TestClient:
-    config = ApiConfig(db_path=tmp_path / "coordinator.db", bootstrap=(BOOT,), **overrides)
+    config = ApiConfig(**{"db_path": tmp_path / "coordinator.db", "bootstrap": (BOOT,), **overrides})
     client = TestClient(TestServer(create_app(config)))
     await client.start_server()
     return client
@@ -31,6 +32,31 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
     client = await make_client(tmp_path)
     yield client
     await client.close()
+
+
+async def test_bootstrap_health_url_is_handed_out_as_the_addresses_it_lists(tmp_path: Path) -> None:
+    """A peer elsewhere asks the coordinator how to join: it gets the bootstrap's announced multiaddrs, not the
+    service-name URL (http://bootstrap:9100/healthz) that only resolves beside the coordinator."""
+    listed = {"addrs": [f"/ip4/203.0.113.7/tcp/31337/p2p/{PEER2}"]}
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", **listed})
+
+    health = web.Application()
+    health.router.add_get("/healthz", healthz)
+    server = TestServer(health)
+    await server.start_server()
+    dead = f"http://127.0.0.1:{free_port()}/healthz"
+    client = await make_client(tmp_path, bootstrap=(str(server.make_url("/healthz")), dead, BOOT))
+    try:
+        expected = [*listed["addrs"], dead, BOOT]  # a URL that never answered is passed on for the peer to retry
+        assert (await (await client.get("/api/v1/bootstrap")).json()) == {"addrs": expected}
+        assert (await (await client.get("/api/v1/summary")).json())["bootstrap"] == expected
+        await server.close()  # the bootstrap goes away: the addresses it listed are still handed out
+        assert (await (await client.get("/api/v1/bootstrap")).json()) == {"addrs": expected}
+    finally:
+        await client.close()
+        await server.close()
 
 
 def assert_error(body: dict, code: str) -> None:

@@ -24,6 +24,17 @@ BASE_IMAGE = "localhost/mesh-test-base:bookworm"
 _CONF_DIR = Path(tempfile.gettempdir()) / "mesh-test-containers"
 
 
+# lifecycle.kill_descendants: up to 3 s for SIGTERM, then 3 s after SIGKILL.
+REAP_SECONDS = 6.0
+
+
+def peer_stop_bound(matchmaking_time: float, averaging_timeout: float, shutdown_timeout: float) -> float:
+    """The longest a peer may take to exit after SIGTERM: the stop flag is read between steps, and one step can be
+    caught in gradient averaging and then parameter averaging (each up to matchmaking + averaging timeout); then
+    the leave with its final checkpoint (bounded by the shutdown timeout) and reaping its daemons."""
+    return 2 * (matchmaking_time + averaging_timeout) + shutdown_timeout + REAP_SECONDS
+
+
 def podman_env() -> dict[str, str]:
     """This machine's kernel refuses podman's default ulimits inside its sandbox; a containers.conf drops them."""
     _CONF_DIR.mkdir(exist_ok=True)

@@ -22,8 +22,9 @@ from tests.procs import free_port, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
-GRACE = 30  # the compose file's and the manifests' stop grace period for peers
-SHUTDOWN_TIMEOUT = 20  # the peer's own bound on leaving (MESH_SHUTDOWN_TIMEOUT), shorter than GRACE
+MATCHMAKING_TIME, AVERAGING_TIMEOUT, SHUTDOWN_TIMEOUT = 1, 10, 10
+# The stop grace period, as compose and Kubernetes set it: the peer's worst case with these settings (38 s).
+GRACE = pm.peer_stop_bound(MATCHMAKING_TIME, AVERAGING_TIMEOUT, SHUTDOWN_TIMEOUT)
 
 
 def get_json(url: str) -> dict:
@@ -77,6 +78,7 @@ def images():
                 pm.podman("rmi", "--force", name, check=False)
             for image in pm.image_ids() - before:  # the build stages' untagged images
                 pm.podman("rmi", "--force", image, check=False)
+            assert pm.image_ids() <= before, "images built by the test were left behind"
 
 
 @pytest.fixture
@@ -90,6 +92,8 @@ def containers():
         pm.podman("rm", "--force", "--volumes", "--time", "0", name, check=False)
     for name in started["volumes"]:
         pm.podman("volume", "rm", "--force", name, check=False)
+    left = pm.out("ps", "--all", "--format", "{{.Names}}").split() + pm.out("volume", "ls", "--format", "{{.Name}}").split()
+    assert not set(left) & set(started["containers"] + started["volumes"]), f"left behind: {left}"
 
 
 def test_images_lint_clean_metadata(images):
@@ -152,8 +156,8 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
     wait_until(lambda: _try_json(f"{api}/health").get("status") == "ok", timeout=60, what="the coordinator")
 
     training = [
-        "--run", "containers", "--task", "regression", "--min-peers", "2", "--matchmaking-time", "1",
-        "--averaging-timeout", "10", "--target-batch-size", "512", "--min-step-time", "0.1", "--threads", "1",
+        "--run", "containers", "--task", "regression", "--min-peers", "2", "--matchmaking-time", str(MATCHMAKING_TIME),
+        "--averaging-timeout", str(AVERAGING_TIMEOUT), "--target-batch-size", "512", "--min-step-time", "0.1", "--threads", "1",
         "--coordinator", f"http://127.0.0.1:{api_port}", "--heartbeat-interval", "1",
     ]
     peer_env = [{"MESH_METRICS_PORT": str(port), "MESH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)} for port in peer_metrics]
@@ -193,7 +197,7 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
 
     # SIGTERM: the peer leaves its group, writes its checkpoint and exits 0 well inside the grace period.
     started = time.monotonic()
-    pm.podman("stop", "--time", str(GRACE), peers[0], timeout=GRACE + 30)
+    pm.podman("stop", "--time", str(int(GRACE)), peers[0], timeout=GRACE + 30)
     took = time.monotonic() - started
     state = pm.inspect(peers[0])["State"]
     assert state["ExitCode"] == 0, state

@@ -1,10 +1,10 @@
 """Offline checks of the deployment files: hadolint on every Dockerfile, the compose file against the Compose
 specification's schema, every kustomize overlay rendered and validated against Kubernetes' schemas, and the
-contracts between them (grace periods longer than the processes' own shutdown bounds, probes, GPU requests,
-Prometheus targets that match the services)."""
+contracts between them (grace periods longer than the processes' worst-case stop, probes, GPU requests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh.config import PeerConfig
+from tests.containers.podman import REAP_SECONDS, peer_stop_bound
 from tests.procs import REPO
 
 DOCKER = REPO / "docker"
@@ -27,6 +29,20 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def seconds(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+
+
+def stop_bound(env: dict) -> float:
+    """The peer's worst-case exit after SIGTERM with this environment (PeerConfig's defaults where unset)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PeerConfig)}
+
+    def setting(name: str) -> float:
+        return float(env.get(f"MESH_{name.upper()}") or defaults[name])
+
+    return peer_stop_bound(setting("matchmaking_time"), setting("averaging_timeout"), setting("shutdown_timeout"))
+
+
+# mesh bootstrap: its DHT node stops within 10 s (bootstrap/main.py), then its daemons are reaped.
+BOOTSTRAP_STOP_BOUND = 10.0 + REAP_SECONDS
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +89,9 @@ def test_compose_services_and_contracts(compose):
     assert set(services) == {"mongo", "bootstrap", "coordinator", "peer", "peer-gpu", "prometheus", "grafana"}
     for name in ("peer", "peer-gpu"):
         peer = services[name]
-        assert seconds(peer["stop_grace_period"]) > float(peer["environment"]["MESH_SHUTDOWN_TIMEOUT"]), name
+        assert seconds(peer["stop_grace_period"]) > stop_bound(peer["environment"]), name
         assert "ports" not in peer, "peers must scale (--scale peer=N): no fixed host ports"
+    assert seconds(services["bootstrap"]["stop_grace_period"]) > BOOTSTRAP_STOP_BOUND
     gpu = services["peer-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -88,12 +105,8 @@ def test_compose_services_and_contracts(compose):
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (DOCKER / source).exists(), volume
-    # Prometheus scrapes the compose services where they listen.
-    prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
-    targets = {job["job_name"]: job for job in prometheus["scrape_configs"]}
-    assert targets["mesh-bootstrap"]["static_configs"][0]["targets"] == ["bootstrap:9100"]
-    assert targets["mesh-coordinator"]["static_configs"][0]["targets"] == ["coordinator:8080"]
-    assert targets["mesh-peer"]["dns_sd_configs"][0]["names"] == ["peer"]
+    # (tests/unit/test_observability_files.py checks that Prometheus scrapes these service names.)
+    assert services["coordinator"]["environment"]["MESH_BOOTSTRAP"] == "http://bootstrap:9100/healthz"
 
 
 def test_kubernetes_manifests_validate(rendered):
@@ -132,9 +145,10 @@ def test_kubernetes_contracts(rendered):
     args = bootstrap["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--identity") + 1].startswith("/data/")
     assert args[args.index("--announce") + 1].startswith("/dns4/mesh-bootstrap-0.mesh-bootstrap/")
+    assert bootstrap["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > BOOTSTRAP_STOP_BOUND
     peer = workloads["mesh-peer"]["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in peer["containers"][0]["env"]}
-    assert peer["terminationGracePeriodSeconds"] > float(env["MESH_SHUTDOWN_TIMEOUT"])
+    assert peer["terminationGracePeriodSeconds"] > stop_bound(env)
     assert env["MESH_JOIN"] == "http://mesh-bootstrap-0.mesh-bootstrap:9100/healthz"
     gpus = peer["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
     if name == "gpu":

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mesh import probe
-from mesh.dht import resolve_join
 from mesh.errors import JoinError
+from mesh.join_url import resolve as resolve_join
 
 PEER_ID = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
 ADDR = f"/dns4/mesh-bootstrap-0.mesh-bootstrap/tcp/31337/p2p/{PEER_ID}"
@@ -61,12 +61,18 @@ def test_health_url_is_retried_while_the_bootstrap_starts(server):
     assert len(seen) == 3
 
 
-@pytest.mark.parametrize("body", [b"{}", b'{"addrs": []}', b"<html>", b'{"addrs": "x"}'])
+@pytest.mark.parametrize("body", [b"{}", b'{"addrs": []}', b"<html>", b'{"addrs": "x"}', b'{"addrs": [1]}', b"[]"])
 def test_a_url_that_is_not_a_bootstraps_health_fails_clearly(server, body):
     base, replies, _ = server
     replies.append((200, body))
     with pytest.raises(JoinError, match=r"could not read the bootstrap's addresses from http://127\.0\.0\.1:\d+/x within 1s"):
         resolve_join((f"{base}/x",), timeout=1)
+
+
+def test_one_dead_url_is_skipped_when_other_entries_give_addresses():
+    from mesh.up import free_port
+
+    assert resolve_join((f"http://127.0.0.1:{free_port()}/healthz", ADDR), timeout=1) == [ADDR]
 
 
 def test_nothing_listening_fails_within_the_timeout():
@@ -88,7 +94,7 @@ def test_probe_exit_codes(server, monkeypatch, capsys):
     monkeypatch.setenv("MESH_METRICS_PORT", port)
     replies.append((200, b"{}"))
     assert probe.main(["metrics"]) == 0
-    replies[0] = (500, b"{}")
+    replies[0] = (503, b"{}")
     assert probe.main(["metrics"]) == 1
     assert probe.main(["nonsense"]) == 2
     from mesh.up import free_port

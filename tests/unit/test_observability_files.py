@@ -138,7 +138,9 @@ def test_prometheus_scrapes_the_compose_stack() -> None:
     assert jobs["mesh-bootstrap"]["static_configs"][0]["targets"] == ["bootstrap:9100"]
     assert jobs["mesh-coordinator"]["static_configs"][0]["targets"] == ["coordinator:8080"]
     assert jobs["mesh-coordinator"].get("metrics_path", "/metrics") == "/metrics"
-    assert jobs["mesh-peer"]["dns_sd_configs"] == [{"names": ["peer"], "type": "A", "port": 9100, "refresh_interval": "15s"}]
+    assert jobs["mesh-peer"]["dns_sd_configs"] == [
+        {"names": ["peer", "peer-gpu"], "type": "A", "port": 9100, "refresh_interval": "15s"}
+    ]
     assert jobs["mesh-kubernetes-pods"][KUBERNETES_SD] == [{"role": "pod"}]
 
 
