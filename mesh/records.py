@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic.v1 as pydantic  # hivemind's DHT schema validation speaks pydantic v1
 import torch
@@ -22,6 +22,7 @@ from mesh import __version__
 from mesh.config import AVERAGING_MODES, COMPRESSIONS, OPTIMIZERS, RUN_ID_PATTERN
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T", bound=pydantic.BaseModel)
 
 RUNS_KEY = "mesh_runs"
 RECORD_TTL = 600.0  # seconds a record lives unless a live peer refreshes it
@@ -128,21 +129,30 @@ def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL) -> bool:
     return bool(stored)
 
 
-def parse_records(raw: Any) -> dict[str, RunRecord]:
-    """Turn the DHT's dictionary of subkeys into records, dropping and counting anything malformed."""
+def _parse_subkeys(raw: Any, model: type[T], kind: str) -> dict[str, T]:
+    """The DHT's dictionary of subkeys as ``model`` objects by subkey, dropping and counting anything malformed."""
     global invalid_records_dropped
-    records: dict[str, RunRecord] = {}
+    parsed: dict[str, T] = {}
     if raw is None or not isinstance(getattr(raw, "value", None), dict):
-        return records
+        return parsed
     for subkey, item in raw.value.items():
         try:
-            record = RunRecord.parse_obj(item.value)
-            if record.run_id != subkey:
-                raise ValueError(f"subkey {subkey!r} does not match run_id {record.run_id!r}")
-            records[record.run_id] = record
+            parsed[str(subkey)] = model.parse_obj(item.value)
         except (pydantic.ValidationError, ValueError, TypeError) as err:
             invalid_records_dropped += 1
-            logger.warning("dropped invalid run record subkey=%r error=%s", subkey, str(err).replace("\n", " "))
+            logger.warning("dropped invalid %s record subkey=%r error=%s", kind, subkey, str(err).replace("\n", " "))
+    return parsed
+
+
+def parse_records(raw: Any) -> dict[str, RunRecord]:
+    """Turn the DHT's dictionary of subkeys into run records, dropping and counting anything malformed."""
+    global invalid_records_dropped
+    records = _parse_subkeys(raw, RunRecord, "run")
+    for subkey, record in list(records.items()):
+        if record.run_id != subkey:
+            invalid_records_dropped += 1
+            logger.warning("dropped invalid run record subkey=%r error=subkey does not match run_id %r", subkey, record.run_id)
+            del records[subkey]
     return records
 
 
@@ -167,18 +177,5 @@ def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = P
 
 def fetch_peers(dht: DHT, run_id: str | None = None) -> dict[str, PeerPresence]:
     """Live peers (by peer id) announced in the DHT, optionally only those of one run; malformed entries dropped."""
-    global invalid_records_dropped
-    raw = dht.get(PEERS_KEY, latest=True)
-    peers: dict[str, PeerPresence] = {}
-    if raw is None or not isinstance(getattr(raw, "value", None), dict):
-        return peers
-    for subkey, item in raw.value.items():
-        try:
-            presence = PeerPresence.parse_obj(item.value)
-        except (pydantic.ValidationError, TypeError) as err:
-            invalid_records_dropped += 1
-            logger.warning("dropped invalid peer record subkey=%r error=%s", subkey, str(err).replace("\n", " "))
-            continue
-        if run_id is None or presence.run_id == run_id:
-            peers[str(subkey)] = presence
-    return peers
+    peers = _parse_subkeys(dht.get(PEERS_KEY, latest=True), PeerPresence, "peer")
+    return {peer_id: p for peer_id, p in peers.items() if run_id is None or p.run_id == run_id}
