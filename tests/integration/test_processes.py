@@ -7,17 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.integration.test_cli_errors import free_port, mesh
-from tests.procs import REPO, alive, promtool_check_metrics
+from tests.procs import REPO, alive, http_server, promtool_check_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -60,25 +58,8 @@ def test_doctor_through_a_health_url_needs_one_answering_address(bootstrap: str)
     addresses): doctor tries them in turn, warns about the dead one and passes on the live one."""
     dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{bootstrap.rsplit('/', 1)[1]}"
     body = json.dumps({"status": "ok", "addrs": [dead, bootstrap]}).encode()
-
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
-        result = mesh("doctor", "--join", url, "--host", "127.0.0.1", "--join-timeout", "3")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server([(200, body)]) as base:
+        result = mesh("doctor", "--join", f"{base}/healthz", "--host", "127.0.0.1", "--join-timeout", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"[warn] the bootstrap at {dead} does not answer" in result.stdout
     assert "[  ok] the bootstrap answers" in result.stdout and "[  ok] all checks passed" in result.stdout

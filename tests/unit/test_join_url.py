@@ -4,14 +4,13 @@ Kubernetes name the bootstrap before its peer id is known), and the container he
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from mesh import probe
 from mesh.errors import JoinError
 from mesh.join_url import resolve as resolve_join
+from tests.procs import http_server
 
 PEER_ID = "12D3KooWSB3L5TWVTFUmLUg2LRtbYVZtYCjmsACqFCiXUvLF9sJ8"
 ADDR = f"/dns4/mesh-bootstrap-0.mesh-bootstrap/tcp/31337/p2p/{PEER_ID}"
@@ -19,27 +18,11 @@ ADDR = f"/dns4/mesh-bootstrap-0.mesh-bootstrap/tcp/31337/p2p/{PEER_ID}"
 
 @pytest.fixture
 def server():
-    """A one-route HTTP server on 127.0.0.1:0; ``replies`` is the queue of (status, body) it answers with."""
+    """``replies`` is the queue of (status, body) the server answers with; ``seen`` the paths it was asked."""
     replies: list[tuple[int, bytes]] = []
     seen: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            seen.append(self.path)
-            status, body = replies.pop(0) if len(replies) > 1 else replies[0]
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", replies, seen
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(replies, seen) as base:
+        yield base, replies, seen
 
 
 def test_multiaddrs_pass_through_unchanged():
