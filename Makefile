@@ -45,6 +45,7 @@ test-quick: install system-deps
 # Benchmarks print figures (ratios against their targets); they are not tests.
 bench: install
 	$(PY) -m tests.bench.heartbeat
+	$(PY) -m tests.bench.training
 
 clean:
 	rm -rf $(VENV) .pytest_cache
