@@ -118,10 +118,10 @@ def run(config: DoctorConfig) -> int:
         _say("warn", "no --join given: only local checks were run")
     for group in groups:
         for i, maddr in enumerate(group):
-            last = i == len(group) - 1
-            if _check_bootstrap(config, maddr, fail="FAIL" if last else "warn") == 0:
+            if _check_bootstrap(config, maddr, fail="FAIL" if i == len(group) - 1 else "warn") == 0:
                 break
-            failures += last
+        else:  # no address of this bootstrap answered
+            failures += 1
     if kinds <= {"loopback"}:
         _say("warn", "only loopback addresses are visible: other machines cannot reach this host (use --host 0.0.0.0)")
     elif "public" not in kinds and not config.announce:

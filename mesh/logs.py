@@ -44,8 +44,8 @@ _level = "info"
 
 
 def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
-    """Set up the root logger. The coordinator and ``mesh status`` do not route hivemind here, so they import no
-    torch (the coordinator image has neither); ``start_dht`` routes it when they do join the DHT."""
+    """Set up the root logger. hivemind is routed through it by ``route_hivemind``, which ``start_dht`` calls: only
+    processes that join the DHT import hivemind (and torch), so the coordinator image can have neither."""
     global _level
     _level = level.lower()
     handler = logging.StreamHandler(sys.stderr)
@@ -59,8 +59,6 @@ def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    if role not in ("api", "status"):
-        route_hivemind()
 
 
 def route_hivemind() -> None:

@@ -8,6 +8,7 @@ directory), which are mounted into the build and passed as the Dockerfile's ``PI
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ def peer_stop_bound(matchmaking_time: float, averaging_timeout: float, shutdown_
     return 2 * (matchmaking_time + averaging_timeout) + shutdown_timeout + REAP_SECONDS
 
 
+@functools.cache
 def podman_env() -> dict[str, str]:
     """This machine's kernel refuses podman's default ulimits inside its sandbox; a containers.conf drops them."""
     _CONF_DIR.mkdir(exist_ok=True)
