@@ -44,3 +44,15 @@ def peer_args(join: str, name: str, tmp_path: Path, *extra: str, run: str = "tes
     if task:
         args += ["--task", task]
     return args + list(extra)
+
+
+@pytest.fixture
+def private_secantus(tmp_path: Path):
+    """A MongoDB wire-protocol server of this test's own, which the test may stop and start (outages, restarts)."""
+    from tests.contract.conftest import PrivateSecantus
+
+    server = PrivateSecantus(tmp_path / "secantus")
+    try:
+        yield server
+    finally:
+        server.stop()

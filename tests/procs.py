@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,8 +120,6 @@ def alive(pids: set[int]) -> set[int]:
 
 def promtool_check_metrics(url: str) -> str:
     """Fetch a /metrics page and run ``promtool check metrics`` on it; returns the page."""
-    import urllib.request
-
     body = urllib.request.urlopen(url, timeout=10).read()
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert result.returncode == 0, (url, result.stdout.decode() + result.stderr.decode())
@@ -163,3 +162,21 @@ def http_server(replies: list[tuple[int, bytes]], seen: list[str] | None = None)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def metric(page: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` in a Prometheus text page whose labels include ``labels`` (0 when none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def metrics_page(port: int) -> str:
+    """The /metrics page a process serves on 127.0.0.1:``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()

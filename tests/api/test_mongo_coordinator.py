@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
@@ -17,15 +15,6 @@ from tests.api.test_endpoints import PEER, assert_error, beat, create
 from tests.contract.conftest import PrivateSecantus
 
 
-@pytest.fixture
-def database(tmp_path: Path):
-    server = PrivateSecantus(tmp_path / "secantus")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def start(url: str) -> TestClient:
     config = ApiConfig(mongo_url=url)
     client = TestClient(TestServer(create_app(config, MongoStore(url, "mesh", timeout_ms=1000))))
@@ -33,12 +22,12 @@ async def start(url: str) -> TestClient:
     return client
 
 
-async def test_restart_keeps_runs_peers_history_and_events(database: PrivateSecantus) -> None:
-    client = await start(database.uri)
+async def test_restart_keeps_runs_peers_history_and_events(private_secantus: PrivateSecantus) -> None:
+    client = await start(private_secantus.uri)
     await create(client)
     await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=beat(epoch=1, loss=0.5))
     await client.close()
-    client = await start(database.uri)
+    client = await start(private_secantus.uri)
     try:
         assert (await (await client.get("/api/v1/runs/r1")).json())["progress"]["epoch"] == 1
         assert (await (await client.get(f"/api/v1/peers/{PEER}")).json())["status"] == "alive"
@@ -49,12 +38,12 @@ async def test_restart_keeps_runs_peers_history_and_events(database: PrivateSeca
         await client.close()
 
 
-async def test_outage_answers_503_and_recovers_without_a_restart(database: PrivateSecantus) -> None:
-    client = await start(database.uri)
+async def test_outage_answers_503_and_recovers_without_a_restart(private_secantus: PrivateSecantus) -> None:
+    client = await start(private_secantus.uri)
     try:
         assert (await client.get("/api/v1/ready")).status == 200
         await create(client)
-        database.stop()
+        private_secantus.stop()
         response = await client.get("/api/v1/ready")
         assert response.status == 503
         assert_error(await response.json(), "store_unavailable")
@@ -62,7 +51,7 @@ async def test_outage_answers_503_and_recovers_without_a_restart(database: Priva
         assert response.status == 503
         body = await response.json()
         assert "database is unavailable" in body["error"]["message"] and "retry" in body["error"]["message"]
-        database.start()
+        private_secantus.start()
         deadline = time.monotonic() + 20
         while (await client.get("/api/v1/ready")).status != 200:
             assert time.monotonic() < deadline, "the coordinator did not recover"

@@ -47,6 +47,8 @@ from typing import Any
 
 import aiohttp
 
+from mesh.up import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 RUN_ID = "bench-heartbeat"
@@ -63,12 +65,6 @@ def peer_id(index: int) -> str:
         digits = B58[rest] + digits
         if index == 0:
             return "QmSim" + digits.rjust(41, "1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spawn(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ import torch.multiprocessing as mp
 from mesh.tasks import load_task
 from mesh.trainer import make_optimizer_factory
 from mesh.up import free_port
+from tests.procs import metric, metrics_page
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,14 +121,8 @@ def run_gloo(args, plain_steps_per_second: float, world: int = 2) -> float:
 
 def _scrape_samples(port: int) -> tuple[float, float]:
     """(samples trained, epoch) from one peer's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {"mesh_peer_samples_total": 0.0, "mesh_peer_epoch": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in values:
-            values[name] += float(line.rsplit(" ", 1)[1])
-    return values["mesh_peer_samples_total"], values["mesh_peer_epoch"]
+    page = metrics_page(port)
+    return metric(page, "mesh_peer_samples_total"), metric(page, "mesh_peer_epoch")
 
 
 def run_mesh(args) -> float:

@@ -18,7 +18,7 @@ import pytest
 
 from mesh import checkpoint
 from tests.containers import podman as pm
-from tests.procs import free_port, wait_until
+from tests.procs import free_port, metric, metrics_page, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -30,28 +30,6 @@ GRACE = pm.peer_stop_bound(MATCHMAKING_TIME, AVERAGING_TIMEOUT, SHUTDOWN_TIMEOUT
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
-
-
-def scrape(port: int) -> dict[str, float]:
-    """One peer's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def metric(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +147,10 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
 
     def averaged_in_pairs() -> bool:
         for port in peer_metrics:
-            samples = _try_scrape(port)
-            if metric(samples, "mesh_peer_averaging_rounds_total", outcome="ok") < 2:
+            page = _try_page(port)
+            if metric(page, "mesh_peer_averaging_rounds_total", outcome="ok") < 2:
                 return False
-            if metric(samples, "mesh_peer_last_group_size") != 2:
+            if metric(page, "mesh_peer_last_group_size") != 2:
                 return False
         return True
 
@@ -189,7 +167,7 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
     assert run_record["status"] == "running"
     assert run_record["progress"]["peers_alive"] == 2 and run_record["progress"]["epoch"] >= 2, run_record
     for port in peer_metrics:  # loss is finite and reported
-        assert metric(scrape(port), "mesh_peer_loss") > 0
+        assert metric(metrics_page(port), "mesh_peer_loss") > 0
 
     for name in (bootstrap, coordinator, *peers):
         assert pm.podman("healthcheck", "run", name, check=False).returncode == 0, f"{name} is not healthy"
@@ -225,8 +203,8 @@ def _try_json(url: str) -> dict:
         return {}
 
 
-def _try_scrape(port: int) -> dict[str, float]:
+def _try_page(port: int) -> str:
     try:
-        return scrape(port)
+        return metrics_page(port)
     except OSError:
-        return {}
+        return ""

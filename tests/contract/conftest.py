@@ -114,12 +114,3 @@ class PrivateSecantus:
     def start(self) -> None:
         if self.server is None:
             self.server = start_secantus(self.storage, self.port)
-
-
-@pytest.fixture
-def private_secantus(tmp_path: Path) -> Iterator[PrivateSecantus]:
-    server = PrivateSecantus(tmp_path / "secantus")
-    try:
-        yield server
-    finally:
-        server.stop()

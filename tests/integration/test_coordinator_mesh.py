@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import peer_args
-from tests.procs import promtool_check_metrics, wait_until
+from tests.procs import free_port, metric, promtool_check_metrics, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,6 @@ def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
 
 def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:
     api = coordinator + "/api/v1"
-    from tests.integration.test_cli_errors import free_port
 
     extra = ("--min-peers", "2", "--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL))
     metrics_port = free_port()
@@ -70,11 +69,11 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
 
     # metrics: valid exposition format, and they moved as they should after averaging rounds
     peer_metrics = promtool_check_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
-    assert _sample(peer_metrics, 'mesh_peer_averaging_rounds_total{outcome="ok",run="test"}') >= 1
-    assert _sample(peer_metrics, 'mesh_peer_averaging_sent_bytes_total{run="test"}') > 0
-    assert _sample(peer_metrics, 'mesh_peer_epoch{run="test"}') >= 2
+    assert metric(peer_metrics, "mesh_peer_averaging_rounds_total", outcome="ok", run="test") >= 1
+    assert metric(peer_metrics, "mesh_peer_averaging_sent_bytes_total", run="test") > 0
+    assert metric(peer_metrics, "mesh_peer_epoch", run="test") >= 2
     api_metrics = promtool_check_metrics(coordinator + "/metrics")
-    assert _sample(api_metrics, 'mesh_api_peers{run="test",status="alive"}') == 2
+    assert metric(api_metrics, "mesh_api_peers", run="test", status="alive") == 2
     assert 'route="/api/v1/peers/{peer_id}/heartbeat",status="200"' in api_metrics
 
     victim = peers[1]
@@ -94,14 +93,6 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
     assert peers[0].proc.wait(60) == 0, peers[0].output()[-3000:]
     survivor = get(f"{api}/peers/{json.loads(peers[0].status_file.read_text())['peer_id']}")
     assert survivor["status"] == "left"
-
-
-def _sample(page: str, series: str) -> float:
-    """The value of one series in a /metrics page (labels in the order prometheus_client prints them)."""
-    for line in page.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in the metrics page")
 
 
 def _no_join(args: list[str]) -> list[str]:
@@ -173,7 +164,6 @@ def test_run_created_through_the_api_is_joined_with_run_auto(coordinator: str, m
 def test_training_goes_on_while_the_coordinator_is_down_and_the_dht_observer(
     bootstrap: str, mesh_procs, tmp_path: Path
 ) -> None:
-    from tests.integration.test_cli_errors import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.test_cli_errors import free_port, mesh
-from tests.procs import REPO, alive, http_server, promtool_check_metrics
+from tests.integration.test_cli_errors import mesh
+from tests.procs import REPO, alive, free_port, http_server, promtool_check_metrics
 
 pytestmark = pytest.mark.integration
 
