@@ -109,9 +109,14 @@ async def ready(request: web.Request) -> web.Response:
     return reply(Health(status="ready", version=__version__))
 
 
+async def run_counts(store: Store) -> dict[str, int]:
+    """How many runs are in each status."""
+    return {status: (await store.list_runs(status, 1, 0))[1] for status in RUN_STATUSES}
+
+
 async def summary(request: web.Request) -> web.Response:
     store = store_of(request)
-    runs = {status: (await store.list_runs(status, 1, 0))[1] for status in RUN_STATUSES}
+    runs = await run_counts(store)
     peers = dict.fromkeys(PEER_STATUSES, 0)
     for (_run, status), count in (await store.count_peers()).items():
         peers[status] = peers.get(status, 0) + count

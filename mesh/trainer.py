@@ -233,8 +233,8 @@ class Trainer:
         )
         self.opt.rounds = {"ok": 0, "failed": 0, "local_only": 0}
         self.opt.observe_rounds(record.compression)
-        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        metrics.init_peer(record.run_id, str(device), gpu)
+        self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        metrics.init_peer(record.run_id, str(device), self.gpu_name)
         self.progress = Progress()
         self._epoch_times: list[float] = []
         self._resume()

@@ -133,10 +133,9 @@ def _hyperparameters(run: dict) -> dict:
 def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
     """The body of a heartbeat: a snapshot of the trainer's progress (read without locking: plain attributes)."""
     p = trainer.progress
-    gpu = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else None
     return {
         "run_id": trainer.record.run_id, "task": trainer.record.task, "addrs": addrs,
-        "device": str(trainer.device), "gpu_name": gpu, "epoch": int(p.epoch),
+        "device": str(trainer.device), "gpu_name": trainer.gpu_name, "epoch": int(p.epoch),
         "samples_per_second": float(p.global_samples_per_second), "loss": None if p.loss != p.loss else float(p.loss),
     }
 
