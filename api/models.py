@@ -38,6 +38,7 @@ class Hyperparameters(Strict):
     compression: Compression = "none"
     matchmaking_time: float = Field(3.0, gt=0, le=600)
     averaging_timeout: float = Field(30.0, gt=0, le=3600)
+    average_state_every: int = Field(10, ge=1, le=1_000_000, description="Epochs between routine parameter averages")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

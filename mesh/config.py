@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local")
+DATA_PLANES = ("gloo", "hivemind")
 LOG_FORMATS = ("text", "json")
 SECRET_FIELDS = ("api_token", "mongo_url")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -49,6 +50,11 @@ def _check_port(name: str, port: int | None) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_device(device: str) -> None:
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
 
 
 def _check_positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -131,6 +137,9 @@ class RunDefaults:
     """Seconds to wait for peers to form a group before each averaging round."""
     averaging_timeout: float = 30.0
     """Seconds before an averaging round is abandoned and the peer steps with its local gradients."""
+    average_state_every: int = 10
+    """Epochs between routine parameter averages (also done at once after a failed, partial or local-only round
+    and when a peer joins); 1 averages parameters every epoch, as hivemind's default."""
     seed: int = 0
     """Seed of the model's initial parameters (every peer of the run starts from the same ones)."""
 
@@ -144,6 +153,7 @@ class RunDefaults:
         _check_choice("compression", self.compression, COMPRESSIONS)
         _check_positive("matchmaking_time", self.matchmaking_time)
         _check_positive("averaging_timeout", self.averaging_timeout)
+        _check_positive("average_state_every", self.average_state_every)
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,13 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     task: str | None = None
     """Built-in task name (regression, demo) or module:function; read from the run's record when unset."""
     device: str = "auto"
-    """auto (CUDA when present), cpu or cuda."""
+    """auto (CUDA when present), cpu, cuda or cuda:N (several peers on one host, one GPU each)."""
+    data_plane: str = "gloo"
+    """How a matched group's gradients move: gloo (torch's process groups; fast) or hivemind (its own all-reduce
+    over libp2p). A group uses gloo only when every member offers it."""
+    data_plane_host: str | None = None
+    """Address the other members of a group reach this peer's data plane at (gloo and its rendezvous store use
+    extra TCP ports); derived from --host, then --announce, then this host's addresses when unset."""
     bf16: bool = False
     """Run forward and backward under bf16 autocast."""
     threads: int | None = None
@@ -197,7 +213,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
         if not self.run:
             raise ConfigError("--run is required: the id of the run to join or create (e.g. --run demo)")
         validate_run_id(self.run)
-        _check_choice("device", self.device, DEVICES)
+        _check_device(self.device)
+        _check_choice("data_plane", self.data_plane, DATA_PLANES)
         _check_positive("checkpoint_every", self.checkpoint_every)
         _check_positive("threads", self.threads)
         _check_positive("min_peers", self.min_peers)
@@ -240,7 +257,7 @@ class UpConfig(RunDefaults, LogConfig):
         if not 1 <= self.peers <= 64:
             raise ConfigError(f"--peers must be between 1 and 64, got {self.peers}")
         _check_positive("max_epochs", self.max_epochs)
-        _check_choice("device", self.device, DEVICES)
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)

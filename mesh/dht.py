@@ -136,3 +136,16 @@ async def _routing_table_size(_dht, node) -> int:
 def routing_table_size(dht: DHT, timeout: float = 30.0) -> int:
     """DHT peers this node knows (its routing table), after refreshing it."""
     return dht.run_coroutine(_routing_table_size, return_future=True).result(timeout)
+
+
+def data_plane_host(configured: str | None, host: str, announce: tuple[str, ...], dht: DHT) -> str:
+    """The address other members reach this peer's data plane at: the one asked for, else the listening host, else
+    the first IPv4 address this peer announces, else the first it is visible at (non-loopback first)."""
+    if configured:
+        return configured
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    candidates = [part.split("/")[2] for part in announce if part.startswith("/ip4/")]
+    visible = [addr.split("/")[2] for addr in visible_maddrs(dht) if addr.startswith("/ip4/")]
+    candidates += [ip for ip in visible if not ip.startswith("127.")] + [ip for ip in visible if ip.startswith("127.")]
+    return next((ip for ip in candidates if ip != "0.0.0.0"), "127.0.0.1")

@@ -52,6 +52,7 @@ class RunRecord(pydantic.BaseModel):
     compression: pydantic.StrictStr
     matchmaking_time: pydantic.confloat(strict=True, gt=0)
     averaging_timeout: pydantic.confloat(strict=True, gt=0)
+    average_state_every: pydantic.conint(strict=True, ge=1) = 10
     seed: pydantic.StrictInt
     created_at: pydantic.StrictFloat
     mesh_version: pydantic.StrictStr
@@ -117,6 +118,7 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
         compression=str(hyper["compression"]),
         matchmaking_time=float(hyper["matchmaking_time"]),
         averaging_timeout=float(hyper["averaging_timeout"]),
+        average_state_every=int(hyper.get("average_state_every", 10)),
         seed=int(hyper["seed"]),
         created_at=float(hyper.get("created_at") or time.time()),
         mesh_version=str(hyper.get("mesh_version") or __version__),

@@ -49,6 +49,7 @@ def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults
         compression=defaults.compression,
         matchmaking_time=defaults.matchmaking_time,
         averaging_timeout=defaults.averaging_timeout,
+        average_state_every=defaults.average_state_every,
         seed=defaults.seed,
         **hyper,
     )

@@ -18,18 +18,19 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import hivemind
 import torch
-from hivemind.averaging.control import StepControl
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
 from mesh import checkpoint, metrics
 from mesh.errors import ConfigError, RunError
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
-from mesh.rounds import RoundWatcher, record_traffic, wire_bytes
+from mesh.averager import MeshGradientAverager, MeshStateAverager
+from mesh.rounds import wire_bytes
 from mesh.tasks.base import Batch, Task
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 # Tensors smaller than this are sent as fp16 even in 8-bit mode: quantizing a bias of a few values costs more
 # accuracy than it saves bytes.
 EIGHT_BIT_MIN_SIZE = 2**12
+PROGRESS_REPORT_PERIOD = 0.5  # seconds between a peer's progress reports to the DHT (hivemind: every local step)
+PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
 
 
 def make_compression(name: str) -> hivemind.compression.CompressionBase:
@@ -57,8 +60,13 @@ def make_optimizer_factory(name: str, lr: float) -> Callable[[Any], torch.optim.
 
 
 def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested} was asked for but torch sees no CUDA device; use --device auto or cpu")
+        device = torch.device(requested)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
+        return device
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -82,58 +90,73 @@ def gradients_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+class ReportThrottle(threading.Event):
+    """Stands in for the progress tracker's "report now" event: hivemind sets it after every local step, and each
+    set becomes a DHT store (through the DHT process and the libp2p daemon, to every node holding the key). At tens
+    of steps a second that is most of the helpers' CPU. Waking at most every ``period`` seconds loses nothing: the
+    reporter sends the newest progress when it wakes, and peers extrapolate between reports from samples/s."""
+
+    def __init__(self, period: float) -> None:
+        super().__init__()
+        self.period, self._last = period, 0.0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        pause = self._last + self.period - time.monotonic()
+        if pause > 0:
+            time.sleep(min(pause, timeout) if timeout is not None else pause)
+            timeout = None if timeout is None else max(0.0, timeout - pause)
+        woken = super().wait(timeout)
+        self._last = time.monotonic()
+        return woken
+
+
 class MeshOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer that records each round's outcome and group size, and counts state downloads."""
+    """hivemind.Optimizer with the mesh's averagers (:mod:`mesh.averager`): each round's group closes once every
+    live peer is in, gradients move on torch's process groups, and parameters are averaged only when they can have
+    drifted apart (a failed, partial or local-only round, a new member) and every ``state_every`` epochs."""
 
-    last_outcome: str | None = None
-    last_group_size: int = 0
-    rounds: dict[str, int]
-    state_downloads: int = 0
-
-    def _update_global_epoch(self, grad_scaler) -> None:
-        self.rounds = getattr(self, "rounds", {"ok": 0, "failed": 0, "local_only": 0})
-        self.last_outcome = None
-        super()._update_global_epoch(grad_scaler)
-        if self.use_gradient_averaging and self.last_outcome is None:
-            self._record("local_only", 1)  # nobody else was there: hivemind stepped with the local gradient
-
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
-        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        if maybe_step_control is None:
-            self._record("local_only", 1)
-            return
-        try:
-            group = maybe_step_control.result(timeout=0)
-            self._record("ok", len(group))
-        except BaseException:  # hivemind already logged why; the peer stepped with its local gradient
-            self._record("failed", 1)
-
-    def observe_rounds(self, compression: str) -> None:
-        """Start timing rounds and estimating their traffic (call once, after construction)."""
-        self.watcher = RoundWatcher(self.run_id)
-        self.watcher.start()
-        params = [p for group in self.param_groups for p in group["params"]]
-        self.gradient_wire_bytes = wire_bytes(params, compression, EIGHT_BIT_MIN_SIZE)
+    def __init__(self, *, state_every: int, report_period: float, **kwargs: Any) -> None:
+        self.state_every = state_every
+        super().__init__(average_state_every=state_every, delay_state_averaging=False, **kwargs)
+        tracker = self.tracker
+        woken, tracker.should_report_progress = tracker.should_report_progress, ReportThrottle(report_period)
+        woken.set()  # the reporter is waiting on the old event; wake it once so that it picks up the new one
         if self.grad_averager is not None:
-            original = self.grad_averager.step
+            self.grad_averager.on_state_group = self.state_averager.set_target_group_size
 
-            def step(*args, **kwargs):
-                control = original(*args, **kwargs)
-                if isinstance(control, StepControl):
-                    self.watcher.watch(control)
-                return control
+    @property
+    def average_state_every(self) -> int:  # read by hivemind every epoch, right after the gradient round
+        averager = getattr(self, "grad_averager", None)
+        return 1 if averager is not None and averager.wants_state_averaging else self.state_every
 
-            self.grad_averager.step = step  # schedule_step() goes through step() too
+    @average_state_every.setter
+    def average_state_every(self, value: int) -> None:
+        self.state_every = value
 
-    def _record(self, outcome: str, size: int) -> None:
-        self.last_outcome, self.last_group_size = outcome, size
-        self.rounds[outcome] = self.rounds.get(outcome, 0) + 1
-        metrics.averaging_rounds.labels(self.run_id, outcome).inc()
-        metrics.group_size.labels(self.run_id).set(size)
-        if outcome == "ok":
-            record_traffic(self.run_id, getattr(self, "gradient_wire_bytes", 0), size)
-        if outcome == "failed":
-            logger.warning("averaging round failed epoch=%d; stepped with the local gradient", self.local_epoch)
+    def _make_state_averager(self, **kwargs: Any) -> MeshStateAverager:
+        # hivemind.Optimizer._make_state_averager with the class swapped (tests/unit/test_hivemind_api.py pins it)
+        return MeshStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+        )
+
+    def step(self, *args: Any, **kwargs: Any):
+        live = max(1, self.tracker.global_progress.num_peers)
+        if self.grad_averager is not None:
+            self.grad_averager.set_target_group_size(live)
+        self.state_averager.set_target_group_size(live)
+        return super().step(*args, **kwargs)
+
+    @property
+    def rounds(self) -> dict[str, int]:
+        return dict(self.grad_averager.rounds) if self.grad_averager is not None else {}
+
+    @property
+    def last_group_size(self) -> int:
+        return self.grad_averager.last_group_size if self.grad_averager is not None else 0
 
     def refresh_progress(self) -> None:
         """Ask the progress tracker to re-read the swarm's progress from the DHT now, not on its own schedule."""
@@ -153,6 +176,8 @@ class MeshOptimizer(hivemind.Optimizer):
             # peers that just left); back off instead of retrying in a tight loop
             logger.warning("no peer could serve the newest state (epoch %d); retrying", self.tracker.global_epoch)
             time.sleep(1.0)
+
+    state_downloads: int = 0
 
 
 @dataclass
@@ -194,6 +219,7 @@ class Trainer:
         client_mode: bool = False,
         fault_nan_step: int | None = None,
         min_step_time: float | None = None,
+        data_plane_host: str | None = None,
     ) -> None:
         self.record, self.task, self.device = record, task, device
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
@@ -210,6 +236,10 @@ class Trainer:
             )
         self.batches = task.make_batches(record.batch_size, peer_seed)
         compression = make_compression(record.compression)
+        gradient_averager = partial(
+            MeshGradientAverager, run_id=record.run_id, compression_name=record.compression,
+            data_plane_host=data_plane_host,
+        )
         self.opt = MeshOptimizer(
             dht=dht,
             run_id=record.run_id,
@@ -221,18 +251,21 @@ class Trainer:
             averaging_timeout=record.averaging_timeout,
             load_state_timeout=max(60.0, record.averaging_timeout),
             use_local_updates=record.averaging == "local",
+            grad_averager_factory=None if record.averaging == "local" else gradient_averager,
             grad_compression=compression,
             state_averaging_compression=compression,
-            # Average parameters synchronously right after every epoch's step: a peer whose gradient round failed
-            # (and so stepped with its local gradient) is pulled back to its group's mean at once, instead of
-            # drifting until a delayed round lands. Costs one extra all-reduce of the parameters per epoch.
-            delay_state_averaging=False,
-            average_state_every=1,
+            # local updates: parameters are all there is to average, every epoch
+            state_every=1 if record.averaging == "local" else record.average_state_every,
+            report_period=PROGRESS_REPORT_PERIOD,
+            # a peer that stopped reporting (killed, stopped, partitioned) leaves the live count, and so the size a
+            # group waits for, this many seconds after its last report
+            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
             client_mode=client_mode,
             verbose=False,
         )
-        self.opt.rounds = {"ok": 0, "failed": 0, "local_only": 0}
-        self.opt.observe_rounds(record.compression)
+        if self.opt.grad_averager is not None:
+            self.opt.grad_averager.gradient_wire_bytes = wire_bytes(
+                list(self.model.parameters()), record.compression, EIGHT_BIT_MIN_SIZE)
         self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         metrics.init_peer(record.run_id, str(device), self.gpu_name)
         self.progress = Progress()
@@ -408,7 +441,4 @@ class Trainer:
         )
 
     def shutdown(self) -> None:
-        watcher = getattr(self.opt, "watcher", None)
-        if watcher is not None:
-            watcher.stop()
         self.opt.shutdown()

@@ -112,6 +112,7 @@ def _peer_args(
         "--identity", str(workdir / f"peer-{index}.key"),
         "--matchmaking-time", str(config.matchmaking_time),
         "--averaging-timeout", str(config.averaging_timeout),
+        "--average-state-every", str(config.average_state_every),
         "--averaging", config.averaging, "--compression", config.compression, "--seed", str(config.seed),
     ]
     for name in ("batch_size", "target_batch_size", "optimizer", "lr", "max_epochs"):

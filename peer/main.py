@@ -14,7 +14,7 @@ import torch
 
 from mesh import checkpoint, coordinator_client, httpserve, lifecycle, metrics
 from mesh.config import PeerConfig, describe
-from mesh.dht import check_port_free, start_dht, visible_maddrs
+from mesh.dht import check_port_free, data_plane_host, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
 from mesh.reporting import Reporter
 from mesh.runs import RecordKeeper, join_or_create
@@ -78,6 +78,8 @@ def run(config: PeerConfig) -> int:
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,
             min_step_time=config.min_step_time,
+            data_plane_host=None if config.data_plane != "gloo" else data_plane_host(
+                config.data_plane_host, config.host, config.announce, dht),
         )
         keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
@@ -126,7 +128,7 @@ def run(config: PeerConfig) -> int:
 def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
     names = ("batch_size", "target_batch_size", "optimizer", "lr", "averaging", "compression", "matchmaking_time",
-             "averaging_timeout", "seed")
+             "averaging_timeout", "average_state_every", "seed")
     return {name: hyper[name] for name in names if name in hyper}
 
 
