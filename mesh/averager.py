@@ -38,10 +38,11 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.asyncio import enter_asynchronously
 
-from mesh import dataplane, metrics
+from mesh import asyncio_guard, dataplane, metrics
 from mesh.rounds import RoundWatcher, record_traffic
 
 logger = logging.getLogger(__name__)
+asyncio_guard.install()  # hivemind's fire-and-forget tasks, in the averagers' processes too (see mesh/asyncio_guard.py)
 
 OUTCOMES = ("ok", "failed", "local_only")
 
@@ -78,7 +79,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         # the wire format on its own all-reduce and, for 8bit, on the data plane too
         self.run_id, self.compression_name, self.codec = run_id, compression_name, kwargs.get("compression")
         self.data_plane_host = data_plane_host
-        self._generation = mp.Value(ctypes.c_int, dataplane.new_generation(), lock=False)
+        self._last_group = mp.Value(ctypes.c_uint64, 0, lock=False)  # the averager's process writes, the host reads
         self._fallbacks = mp.Value(ctypes.c_int, 0, lock=False)  # rounds that used hivemind's all-reduce
         self._builds = mp.Value(ctypes.c_int, 0, lock=False)  # process groups built
         self._timeout = kwargs.get("allreduce_timeout") or 30.0
@@ -112,7 +113,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
     def endpoint(self) -> dataplane.Endpoint | None:
         if self._store is None:
             return None
-        return dataplane.Endpoint(self.data_plane_host, self._store.port, self._generation.value)
+        return dataplane.Endpoint(self.data_plane_host, self._store.port, int(self._last_group.value))
 
     def schedule_step(self, scheduled_time: float | None = None, **kwargs: Any) -> StepControl:
         endpoint = self.endpoint()
@@ -189,6 +190,9 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
     def shutdown(self) -> None:
         self.watcher.stop()
         super().shutdown()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     # ---- the averager's process: the all-reduce itself ----
 
@@ -216,12 +220,14 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
             self._groups = dataplane.GroupCache(self.data_plane_host, self._timeout)
         try:
             builds = self._groups.builds
-            group, _rank = await loop.run_in_executor(self._executor, self._groups.get, members, self.peer_id.to_bytes())
+            group, _rank = await loop.run_in_executor(self._executor, self._groups.get, members, self.peer_id.to_bytes(),
+                                                      group_info.group_id)
             self._builds.value += self._groups.builds - builds
+            self._last_group.value = self._groups.current
         except Exception as err:
             # every member fails to rendezvous alike (same store, same timeout), so all fall back together
             self._groups.drop()
-            self._generation.value += 1
+            self._last_group.value = 0
             self._fallbacks.value += 1
             logger.warning("data plane: process group not built (%s); using hivemind's all-reduce", err)
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
@@ -235,7 +241,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
                                            self.compression_name, self.codec, self._flat)
             except Exception as err:
                 self._groups.drop()
-                self._generation.value += 1  # the next group with this member builds a fresh process group
+                self._last_group.value = 0  # the next group with this member builds a fresh process group
                 raise MatchmakingException(f"data plane all-reduce failed: {err}") from None
             logger.debug("data plane all-reduce size=%d seconds=%.3f", len(members), time.perf_counter() - started)
         return gathered

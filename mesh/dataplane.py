@@ -1,12 +1,12 @@
 """The data plane: once hivemind's matchmaking has decided *who* averages, the tensors move through torch's own
 process groups (``ProcessGroupGloo``), not through hivemind's Python → p2pd → TCP all-reduce.
 
-Every member hosts a ``TCPStore`` (one per peer, on a free port) and publishes ``(host, port, generation)`` in the
-group's gathered metadata. Members are ranked by sorted peer id (hivemind shuffles its list every round; a sorted
-order lets a group with the same members reuse its process group); rank 0's store is the rendezvous, under a
-``PrefixStore`` named after the membership. The process group is cached while the membership, and every member's
-generation, is unchanged. A member bumps its generation whenever a collective fails on its side, so the next group
-that contains it rebuilds instead of reusing a broken process group.
+Every member hosts a ``TCPStore`` (one per peer, on a free port of the data-plane address) and publishes
+``(host, port, last_group)`` in the group's gathered metadata. Members are ranked by sorted peer id (hivemind
+shuffles its list every round; a sorted order lets a group with the same members reuse its process group); rank
+0's store is the rendezvous, under a ``PrefixStore`` named after the membership and the round. The process group is
+reused while the membership is unchanged and every member says it still holds it (``last_group``); a member whose
+collective failed forgets it, so the next group that contains it rebuilds instead of reusing a broken one.
 
 Weighted averaging (hivemind's weights are samples accumulated):
 - ``none``: one all-reduce (SUM) of ``w·x`` with ``w`` appended, then divided by the summed weight.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import random
+import socket
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,41 +39,55 @@ CHUNK_ELEMENTS = 2**22  # 16 MB of float32 per collective
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What a member publishes to its group: where its store listens, and its current generation."""
+    """What a member publishes to its group: where its store listens, and which group it last averaged in."""
 
     host: str
     port: int
-    generation: int
+    last_group: int  # digest of the member's cached process group (0: none)
 
     def to_wire(self) -> list:
-        return [self.host, self.port, self.generation]
+        return [self.host, self.port, self.last_group]
 
     @classmethod
     def from_wire(cls, value: object) -> "Endpoint | None":
         if isinstance(value, (list, tuple)) and len(value) == 3:
-            host, port, generation = value
-            if isinstance(host, str) and isinstance(port, int) and isinstance(generation, int) and 0 < port < 65536:
-                return cls(host, port, generation)
+            host, port, last = value
+            if isinstance(host, str) and all(type(v) is int for v in (port, last)) and 0 < port < 65536:
+                return cls(host, port, last)
         return None
 
 
-def new_generation() -> int:
-    """Random start, so a restarted member (same peer id from --identity) never repeats an old store prefix."""
-    return random.randrange(1, 2**31)
+def membership(members: Sequence[tuple[bytes, Endpoint]]) -> tuple:
+    """The group's identity: who, and at which store (a member that restarted has a new one)."""
+    return tuple((peer, e.host, e.port) for peer, e in sorted(members, key=lambda item: item[0]))
+
+
+def digest(key: tuple) -> int:
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little") or 1
 
 
 class StoreHost:
-    """This member's TCPStore server (the rendezvous when it is a group's rank 0)."""
+    """This member's TCPStore server (the rendezvous when it is a group's rank 0), listening on ``host`` only."""
 
     def __init__(self, host: str, timeout: float) -> None:
         self.host = host
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=timeout))
-        self.port = self.store.port
+        # TCPStore's own server listens on every interface; hand it a socket bound to the data-plane address
+        listener = socket.create_server((host, 0), backlog=128)
+        self.port = listener.getsockname()[1]
+        self.store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
+                                   master_listen_fd=listener.detach(), timeout=datetime.timedelta(seconds=timeout))
+
+    def close(self) -> None:
+        """Stop the server (its thread) and free the port (the store owns the listening socket)."""
+        del self.store
 
 
 class GroupCache:
-    """One cached process group, keyed by the ordered members and their generations."""
+    """The process group of the last membership this member averaged in.
+
+    A member reuses it only when every member says (``Endpoint.last_group``) that it holds the very same group:
+    the decision is taken from the gathered metadata every member sees, so either all reuse or all rebuild. A
+    member whose collective failed forgets its group, so the next group it is in rebuilds."""
 
     def __init__(self, local_host: str, timeout: float) -> None:
         self.local_host = local_host
@@ -82,15 +96,23 @@ class GroupCache:
         self._group: dist.ProcessGroup | None = None
         self.builds = 0
 
-    def get(self, members: Sequence[tuple[bytes, Endpoint]], me: bytes) -> tuple[dist.ProcessGroup, int]:
-        """The process group of ``members`` (peer id bytes, endpoint), built or reused; and this member's rank."""
+    @property
+    def current(self) -> int:
+        """Digest of the cached group (0: none), for this member's next Endpoint."""
+        return digest(self._key) if self._key is not None else 0
+
+    def get(self, members: Sequence[tuple[bytes, Endpoint]], me: bytes, round_id: bytes) -> tuple[dist.ProcessGroup, int]:
+        """The process group of ``members`` (peer id bytes, endpoint), reused or built; and this member's rank.
+        ``round_id`` (hivemind's group id, the same for every member) names a new group's keys in the store, so a
+        rebuild never meets the keys of an earlier build."""
         ordered = sorted(members, key=lambda item: item[0])
         rank = [peer for peer, _ in ordered].index(me)
-        key = tuple((peer, endpoint.generation) for peer, endpoint in ordered)
-        if key != self._key or self._group is None:
+        key = membership(ordered)
+        everyone_holds_it = all(endpoint.last_group == digest(key) for _, endpoint in ordered)
+        if not (everyone_holds_it and key == self._key and self._group is not None):
             self.drop()
             root = ordered[0][1]
-            prefix = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+            prefix = hashlib.sha256(repr(key).encode() + round_id).hexdigest()[:32]
             client = dist.TCPStore(root.host, root.port, is_master=False, timeout=self.timeout)
             options = dist.ProcessGroupGloo._Options()
             options._timeout = self.timeout

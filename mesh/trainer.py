@@ -259,7 +259,11 @@ class Trainer:
             report_period=PROGRESS_REPORT_PERIOD,
             # a peer that stopped reporting (killed, stopped, partitioned) leaves the live count, and so the size a
             # group waits for, this many seconds after its last report
-            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
+            # hivemind re-reads the swarm's progress at most every 10 s by default, sooner only when its (first,
+            # start-up-slow) estimate says the epoch ends sooner; with epochs of a second or two a peer then counts
+            # only its own samples and every epoch grows to peers x target. Re-read at least every second, and
+            # at the start of every epoch (_on_new_epoch).
+            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION, "max_refresh_period": 1.0},
             client_mode=client_mode,
             verbose=False,
         )
@@ -333,6 +337,7 @@ class Trainer:
             self._on_new_epoch()
 
     def _on_new_epoch(self) -> None:
+        self.opt.refresh_progress()
         now, p = time.monotonic(), self.progress
         epochs_advanced = max(1, self.opt.local_epoch - p.epoch)
         self._epoch_times.append((now - p._epoch_started) / epochs_advanced)

@@ -1,0 +1,108 @@
+"""Every hivemind name the mesh relies on still exists with the shape the mesh expects.
+
+The mesh plugs into hivemind through its public seams where they exist (``grad_averager_factory``, the gradient
+averager's ``schedule_step``/``step``/``notify_used_averaged_gradients``/``reset_accumulated_grads_``, the
+``_aggregate_with_group`` override hivemind's own PowerSGD averager uses) and through a few privates where none
+does. A hivemind upgrade that renames or reshapes one of them fails here, with the reason, instead of deep inside
+a training run.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import hivemind
+import pytest
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException, PotentialLeaders
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def source(function) -> str:
+    return inspect.getsource(function)
+
+
+def test_hivemind_version_is_the_pinned_one() -> None:
+    assert hivemind.__version__ == "1.1.12", "the checks below were written against 1.1.12; re-read them on a bump"
+
+
+@pytest.mark.parametrize("name", ["grad_averager_factory", "tracker_opts", "average_state_every",
+                                  "delay_state_averaging", "grad_compression", "use_local_updates"])
+def test_optimizer_takes_the_arguments_the_trainer_passes(name: str) -> None:
+    assert name in parameters(hivemind.Optimizer.__init__)
+
+
+def test_optimizer_builds_its_state_averager_in_the_method_the_mesh_overrides() -> None:
+    # MeshOptimizer._make_state_averager copies the body of this method with its class swapped
+    body = source(hivemind.Optimizer._make_state_averager)
+    for argument in ("prefix=f\"{self.run_id}_state_averager\"", "min_matchmaking_time=self.matchmaking_time",
+                     "allreduce_timeout=self.allreduce_timeout", "offload_optimizer=self.offload_optimizer",
+                     "custom_gradients=self.offload_optimizer", "next_chunk_timeout=self.next_chunk_timeout",
+                     "start=True"):
+        assert argument in body, f"hivemind.Optimizer._make_state_averager no longer passes {argument}"
+
+
+def test_optimizer_reads_average_state_every_each_epoch() -> None:
+    # MeshOptimizer.average_state_every is a property read at every epoch's parameter-averaging decision
+    body = source(hivemind.Optimizer._update_global_epoch)
+    assert "next_epoch % self.average_state_every == 0" in body
+    decision, consumed = body.index("self.average_state_every"), body.index("_average_gradients_and_load_into_optimizer")
+    assert consumed < decision, "the decision must come after the gradient round's result is used"
+
+
+def test_gradient_averager_hooks_used_for_round_accounting() -> None:
+    assert "averaged_grads" in parameters(GradientAverager.__init__)
+    assert parameters(GradientAverager.schedule_step)[:2] == ["self", "scheduled_time"]
+    assert "control" in parameters(GradientAverager.step) and "wait" in parameters(GradientAverager.step)
+    for name in ("notify_used_averaged_gradients", "reset_accumulated_grads_", "accumulate_grads_"):
+        assert callable(getattr(GradientAverager, name))
+    body = source(hivemind.Optimizer._load_averaged_gradients_into_optimizer_)
+    assert "notify_used_averaged_gradients()" in body  # called once the round's result (or the local one) is used
+    assert "self.grad_averager.reset_accumulated_grads_()" in source(hivemind.Optimizer._update_global_epoch)
+
+
+def test_averager_internals_the_data_plane_hooks_into() -> None:
+    assert parameters(DecentralizedAverager._aggregate_with_group)[:3] == ["self", "group_info", "min_vector_size"]
+    assert parameters(DecentralizedAverager._step) == ["self", "step", "future_for_init"]
+    step_body = source(DecentralizedAverager._step)
+    assert "self._matchmaking.look_for_group(step)" in step_body
+    assert "weight=step.weight" in step_body and "self._aggregate_with_group(" in step_body
+    assert "self._running_groups" in source(DecentralizedAverager._register_allreduce_group)
+    assert "self.lock_averaged_tensors" in source(DecentralizedAverager.get_tensors)
+    assert "data_for_gather = self.serializer.dumps([self.bandwidth, self.mode.value, user_data_for_gather])" in (
+        source(DecentralizedAverager.step))
+    assert issubclass(MatchmakingException, Exception)
+
+
+def test_matchmaking_closes_a_group_at_target_group_size() -> None:
+    for cls in (Matchmaking, PotentialLeaders, GroupKeyManager):
+        assert "target_group_size" in parameters(cls.__init__)
+    assert "len(self.current_followers) + 1 >= self.target_group_size" in source(Matchmaking.rpc_join_group)
+    assert "self.target_group_size" in source(GroupKeyManager.update_key_on_group_assembled)
+
+
+def test_progress_tracker_names_the_trainer_uses() -> None:
+    assert "metadata_expiration" in parameters(ProgressTracker.__init__)
+    reporter = source(ProgressTracker._progress_reporter)
+    assert "self.should_report_progress.wait" in reporter  # ReportThrottle stands in for this event
+    assert "self.should_report_progress.set()" in source(ProgressTracker.report_local_progress)
+    fetcher = source(ProgressTracker._progress_fetcher)
+    assert "self.global_progress.next_fetch_time" in fetcher and "self.global_state_updated.wait" in fetcher
+
+
+def test_step_control_stages_the_round_watcher_reads() -> None:
+    assert {"AWAITING_TRIGGER", "RUNNING_ALLREDUCE", "FINISHED"} <= set(AveragingStage.__members__)
+    for name in ("stage", "triggered", "weight", "done", "result", "cancelled", "exception"):
+        assert hasattr(StepControl, name)
+
+
+def test_training_state_averager_is_a_decentralized_averager() -> None:
+    assert issubclass(TrainingStateAverager, DecentralizedAverager)  # so GroupSizeMixin's _step applies to it
