@@ -52,6 +52,13 @@ averaging_received_bytes = Counter(
     "mesh_peer_averaging_received_bytes_total",
     "Bytes this peer received in gradient all-reduce (estimated from the tensors' wire size and the group size)", ["run"],
 )
+data_plane_builds = Counter(
+    "mesh_peer_data_plane_builds_total", "Process groups built for the data plane (one per new group membership)", ["run"]
+)
+data_plane_fallbacks = Counter(
+    "mesh_peer_data_plane_fallbacks_total", "Gradient rounds that fell back to hivemind's all-reduce: process group not built",
+    ["run"],
+)
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
 state_download_duration = Histogram(
@@ -90,7 +97,8 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
     """Create every labelled series at zero, so dashboards and rate() see them from the first scrape."""
     for outcome in ("ok", "failed", "local_only"):
         averaging_rounds.labels(run, outcome)
-    for metric in (steps, samples, averaging_sent_bytes, averaging_received_bytes, nonfinite_skips, state_downloads):
+    for metric in (steps, samples, averaging_sent_bytes, averaging_received_bytes, nonfinite_skips, state_downloads,
+                   data_plane_builds, data_plane_fallbacks):
         metric.labels(run)
     for metric in (epoch, group_size, samples_per_second):
         metric.labels(run).set(0)

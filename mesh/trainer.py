@@ -27,9 +27,9 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
 from mesh import checkpoint, metrics
+from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.errors import ConfigError, RunError
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
-from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.rounds import wire_bytes
 from mesh.tasks.base import Batch, Task
 
@@ -193,6 +193,8 @@ class Progress:
     rounds: dict[str, int] = field(default_factory=dict)
     nonfinite_skips: int = 0
     state_downloads: int = 0
+    data_plane_builds: int = 0
+    data_plane_fallbacks: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
 
@@ -350,6 +352,12 @@ class Trainer:
         p.last_group_size = self.opt.last_group_size
         p.rounds = dict(self.opt.rounds)
         p.state_downloads = self.opt.state_downloads
+        averager = self.opt.grad_averager
+        if averager is not None:  # counted in the averager's process; brought to this process's metrics here
+            for name, value, counter in (("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
+                                         ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks)):
+                counter.labels(self.record.run_id).inc(value - getattr(p, name))
+                setattr(p, name, value)
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)

@@ -1,23 +1,29 @@
 """Training throughput benchmark: the mesh against plain PyTorch and gloo DDP, measured in the same run (not a test).
 
-What it measures: samples per second of one model trained three ways on this machine, each process with one torch
-thread (``--threads``) so that two processes share two cores the same way in every case:
+What it measures, for each case (a task and an epoch size, ``--cases``), samples per second of one model trained
+four ways on this machine, each process on one torch thread (``--threads``) so that processes share the cores
+alike in every setup:
 
-- ``plain``: one process, a plain PyTorch loop (forward, backward, optimizer step) — the ceiling for one process;
-- ``gloo``: two processes, ``DistributedDataParallel`` over gloo on 127.0.0.1, gradients all-reduced every step —
-  what a scheduled, fixed-world-size job gets;
-- ``mesh``: a bootstrap and two ``mesh peer`` processes on 127.0.0.1 (hivemind's DHT, matchmaking, all-reduce every
-  ``--target-batch-size`` global samples, parameter averaging each epoch), as a user runs them.
+- ``plain``: one process, a plain PyTorch loop (forward, backward, optimizer step every batch);
+- ``ddp_eq``: two processes, ``DistributedDataParallel`` over gloo on 127.0.0.1, accumulating (``no_sync``) to the
+  mesh's global batch: one all-reduce and one optimizer step per ``target_batch_size`` samples over both ranks —
+  the same optimization as the mesh's, and so the fair baseline;
+- ``ddp_step``: the same two ranks, an all-reduce and a step every batch (DDP as usually run);
+- ``mesh``: a bootstrap and two ``mesh peer`` processes (hivemind DHT and matchmaking, gradients on the data
+  plane every epoch), as a user runs them. Throughput is the sum over both peers of ``mesh_peer_samples_total``
+  from their ``/metrics`` over the window, after both passed epoch ``--warmup-epochs``. Alongside it, the share of
+  the machine's CPU each kind of process used over the window (psutil): the trainers (the peers' main processes),
+  their helpers (DHT, averagers, libp2p daemons) and the bootstrap (with its daemon).
 
-Each runs for ``--seconds`` after a warm-up (``--warmup`` seconds; for the mesh, until both peers passed epoch 1),
-and throughput is samples in that window over its length: for the mesh, the sum over both peers of
-``mesh_peer_samples_total`` scraped from their ``/metrics``. Printed as figures and as ratios: mesh/gloo is what the
-mesh costs against a scheduled job, gloo/plain what two processes on two cores give over one.
+Then the straggler case (``--straggler``): three peers; after a healthy window, one peer's whole process group is
+SIGSTOPped for ``--stop-seconds`` (45): the survivors' epoch rate over the stop, and over the part of it after one
+averaging timeout, against the healthy rate.
 
-    python -m tests.bench.training                       # demo task, 30 s each
-    python -m tests.bench.training --task regression --seconds 20 --json out.json
+    python -m tests.bench.training                                  # every case, then the straggler
+    python -m tests.bench.training --cases demo:512 --seconds 20 --no-straggler
+    python -m tests.bench.training --json out.json
 
-Run it on a quiet machine: it uses both cores.
+Run it on a quiet machine: it uses every core, and any other load skews the ratios.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,6 +50,7 @@ from mesh.up import free_port
 from tests.procs import metric, metrics_page
 
 REPO = Path(__file__).resolve().parents[2]
+CASES = "demo:512,demo:4096,tests.bench.models:mlp25m:512"
 
 
 def _settings(task_name: str, batch_size: int | None) -> tuple:
@@ -49,161 +58,252 @@ def _settings(task_name: str, batch_size: int | None) -> tuple:
     return task, batch_size or task.defaults.get("batch_size", 32), task.defaults.get("optimizer", "sgd"), task.defaults.get("lr", 0.01)
 
 
-def _train_for(task, model, optimizer, batches, warmup: float, seconds: float) -> tuple[int, int, float]:
-    """Train until warm-up then ``seconds`` have passed: (samples, steps, seconds) of the measured window."""
-    started = time.monotonic()
-    window_start, samples, steps = None, 0, 0
-    while True:
-        now = time.monotonic()
-        if window_start is None and now - started >= warmup:
-            window_start, samples, steps = now, 0, 0
-        if window_start is not None and now - window_start >= seconds:
-            return samples, steps, now - window_start
-        samples += _step(task, model, optimizer, next(batches))
-        steps += 1
-
-
-def _train_steps(task, model, optimizer, batches, warmup_steps: int, steps: int) -> tuple[int, float]:
-    """A fixed number of steps (ranks of a DDP job must stop together): (samples, seconds) after the warm-up."""
-    for _ in range(warmup_steps):
-        _step(task, model, optimizer, next(batches))
-    started, samples = time.monotonic(), 0
-    for _ in range(steps):
-        samples += _step(task, model, optimizer, next(batches))
-    return samples, time.monotonic() - started
-
-
-def _step(task, model, optimizer, batch) -> int:
-    optimizer.zero_grad(set_to_none=True)
-    task.loss(model, batch).backward()
-    optimizer.step()
-    return _batch_len(batch)
-
-
 def _batch_len(batch) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
     return int(first.shape[0])
 
 
-def run_plain(args) -> tuple[float, float]:
-    """(samples/s, steps/s) of one process."""
+def run_plain(case: dict, args) -> tuple[float, float]:
+    """(samples/s, seconds per batch) of one process."""
     torch.set_num_threads(args.threads)
-    task, batch_size, opt_name, lr = _settings(args.task, args.batch_size)
+    task, batch_size, opt_name, lr = _settings(case["task"], args.batch_size)
     torch.manual_seed(0)
     model = task.make_model()
     optimizer = make_optimizer_factory(opt_name, lr)(model.parameters())
-    samples, steps, window = _train_for(task, model, optimizer, task.make_batches(batch_size, 1), args.warmup, args.seconds)
-    return samples / window, steps / window
+    batches = task.make_batches(batch_size, 1)
+    started = time.monotonic()
+    window, samples, steps = None, 0, 0
+    while True:
+        now = time.monotonic()
+        if window is None and now - started >= args.warmup:
+            window, samples, steps = now, 0, 0
+        if window is not None and now - window >= args.seconds and steps >= 3:
+            return samples / (now - window), (now - window) / steps
+        optimizer.zero_grad(set_to_none=True)
+        batch = next(batches)
+        task.loss(model, batch).backward()
+        optimizer.step()
+        samples, steps = samples + _batch_len(batch), steps + 1
 
 
-def _gloo_rank(rank: int, world: int, port: int, args, steps: tuple[int, int], results) -> None:
+def _ddp_rank(rank: int, world: int, port: int, case: dict, args, accumulate: int, steps: tuple[int, int], results) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        task, batch_size, opt_name, lr = _settings(args.task, args.batch_size)
+        task, batch_size, opt_name, lr = _settings(case["task"], args.batch_size)
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(task.make_model())
         optimizer = make_optimizer_factory(opt_name, lr)(model.parameters())
-        samples, window = _train_steps(task, model, optimizer, task.make_batches(batch_size, rank + 1), *steps)
-        results[rank] = samples / window
+        batches = task.make_batches(batch_size, rank + 1)
+
+        def optimizer_step() -> int:
+            samples = 0
+            for micro in range(accumulate):  # no_sync: gradients add up locally, the last backward all-reduces
+                batch = next(batches)
+                with model.no_sync() if micro < accumulate - 1 else nullcontext():
+                    (task.loss(model, batch) / accumulate).backward()
+                samples += _batch_len(batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return samples
+
+        warmup, timed = steps
+        for _ in range(warmup):
+            optimizer_step()
+        dist.barrier()
+        started, samples = time.monotonic(), 0
+        for _ in range(timed):
+            samples += optimizer_step()
+        results[rank] = samples / (time.monotonic() - started)
     finally:
         dist.destroy_process_group()
 
 
-def run_gloo(args, plain_steps_per_second: float, world: int = 2) -> float:
-    """Global samples/s of a ``world``-rank DDP job, run for as many steps as one process makes in ``--seconds``
-    (so, on a machine with a core per rank, about ``--seconds`` long)."""
-    steps = (max(3, int(plain_steps_per_second * args.warmup)), max(10, int(plain_steps_per_second * args.seconds)))
+def run_ddp(case: dict, args, seconds_per_batch: float, equal_batch: bool, world: int = 2) -> float:
+    """Global samples/s of a ``world``-rank DDP job, for about ``--seconds`` (given one process's batch time).
+    ``equal_batch``: accumulate to the case's target batch over all ranks; otherwise step every batch."""
+    _, batch_size, _, _ = _settings(case["task"], args.batch_size)
+    accumulate = max(1, case["target"] // (world * batch_size)) if equal_batch else 1
+    per_step = seconds_per_batch * accumulate
+    steps = (max(1, int(args.warmup / per_step)), max(3, int(args.seconds / per_step)))
     results = mp.Manager().dict()
-    mp.spawn(_gloo_rank, args=(world, free_port(), args, steps, results), nprocs=world, join=True)
+    mp.spawn(_ddp_rank, args=(world, free_port(), case, args, accumulate, steps, results), nprocs=world, join=True)
     return sum(results.values())
 
 
-def _scrape_samples(port: int) -> tuple[float, float]:
-    """(samples trained, epoch) from one peer's /metrics."""
-    page = metrics_page(port)
-    return metric(page, "mesh_peer_samples_total"), metric(page, "mesh_peer_epoch")
+class Mesh:
+    """A bootstrap and peers as child processes (each in its own session), stopped at exit."""
 
-
-def run_mesh(args) -> float:
-    workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *cli: str) -> None:
-        log = open(workdir / f"{name}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "mesh", *cli], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-
-    try:
-        addr_file = workdir / "bootstrap.addr"
-        start("bootstrap", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--address-file", str(addr_file))
+    def __init__(self, case: dict, args, peers: int, extra: tuple[str, ...] = ()) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+        self.procs: list[subprocess.Popen] = []
+        addr_file = self.workdir / "bootstrap.addr"
+        self.bootstrap = self._start("bootstrap", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--address-file", str(addr_file))
         deadline = time.monotonic() + 60
         while not addr_file.exists():
             if time.monotonic() > deadline:
-                raise SystemExit(f"no bootstrap address within 60 s; see {workdir}/bootstrap.log")
-            time.sleep(0.5)
+                raise SystemExit(f"no bootstrap address within 60 s; see {self.workdir}/bootstrap.log")
+            time.sleep(0.2)
         join = addr_file.read_text().split()[0]
-        ports = [free_port(), free_port()]
-        for i, port in enumerate(ports):
-            start(
-                f"peer{i}", "peer", "--join", join, "--run", "bench", "--task", args.task, "--host", "127.0.0.1",
-                "--threads", str(args.threads), "--metrics-port", str(port), "--min-peers", "2",
-                "--target-batch-size", str(args.target_batch_size), "--checkpoint-dir", str(workdir / f"ckpt{i}"),
+        self.ports = [free_port() for _ in range(peers)]
+        self.peers = [
+            self._start(
+                f"peer{i}", "peer", "--join", join, "--run", "bench", "--task", case["task"], "--host", "127.0.0.1",
+                "--threads", str(args.threads), "--metrics-port", str(port), "--min-peers", str(peers),
+                "--target-batch-size", str(case["target"]), *extra,
                 *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
             )
+            for i, port in enumerate(self.ports)
+        ]
 
-        def read() -> list[tuple[float, float]]:
-            try:
-                return [_scrape_samples(port) for port in ports]
-            except OSError:
-                return []
+    def _start(self, name: str, *cli: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "mesh", *cli], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+        self.procs.append(proc)
+        return proc
 
-        deadline = time.monotonic() + 300
-        while not ((seen := read()) and all(epoch >= 1 for _, epoch in seen)):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise SystemExit(f"the mesh did not reach epoch 1; logs in {workdir}")
-            time.sleep(1.0)
-        before, t0 = sum(s for s, _ in read()), time.monotonic()
-        time.sleep(args.seconds)
-        after, t1 = sum(s for s, _ in read()), time.monotonic()
-        return (after - before) / (t1 - t0)
-    finally:
-        for proc in procs:
+    def read(self, ports: list[int] | None = None) -> list[tuple[float, float]]:
+        """(samples trained, epoch) of each peer, from its /metrics ([] while a page does not answer)."""
+        try:
+            pages = [metrics_page(port) for port in ports or self.ports]
+        except OSError:
+            return []
+        return [(metric(p, "mesh_peer_samples_total"), metric(p, "mesh_peer_epoch")) for p in pages]
+
+    def wait_epoch(self, epoch: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not ((seen := self.read()) and all(e >= epoch for _, e in seen)):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise SystemExit(f"the mesh did not reach epoch {epoch}; logs in {self.workdir}")
+            time.sleep(0.5)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the trainers, their helper processes, and the bootstrap with its daemon."""
+        totals = {"trainers": 0.0, "helpers": 0.0, "bootstrap": 0.0}
+        for proc in self.procs:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
+                root = psutil.Process(proc.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for member in tree:
+                try:
+                    times = member.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                kind = "bootstrap" if proc is self.bootstrap else "trainers" if member.pid == proc.pid else "helpers"
+                totals[kind] += times.user + times.system
+        return totals
+
+    def close(self) -> None:
+        for proc in self.procs:
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_mesh(case: dict, args) -> tuple[float, dict[str, float]]:
+    """(global samples/s, CPU share of trainers / helpers / bootstrap) of two peers."""
+    mesh = Mesh(case, args, peers=2)
+    try:
+        mesh.wait_epoch(args.warmup_epochs)
+        cpu_before, before, t0 = mesh.cpu_seconds(), sum(s for s, _ in mesh.read()), time.monotonic()
+        time.sleep(args.seconds)
+        cpu_after, after, t1 = mesh.cpu_seconds(), sum(s for s, _ in mesh.read()), time.monotonic()
+        capacity = (t1 - t0) * psutil.cpu_count()
+        return (after - before) / (t1 - t0), {k: (cpu_after[k] - cpu_before[k]) / capacity for k in cpu_after}
+    finally:
+        mesh.close()
+
+
+def run_straggler(args) -> dict[str, float]:
+    """Survivors' epochs/s: healthy, during a SIGSTOP of one of three peers, and during it after one averaging
+    timeout."""
+    case = {"task": "demo", "target": args.straggler_target}
+    mesh = Mesh(case, args, peers=3, extra=("--averaging-timeout", str(args.averaging_timeout)))
+    survivors = mesh.ports[:2]
+
+    def epoch() -> float:
+        seen = mesh.read(survivors)
+        return min(e for _, e in seen) if seen else float("nan")
+
+    def rate(seconds: float) -> float:
+        start, t0 = epoch(), time.monotonic()
+        time.sleep(seconds)
+        return (epoch() - start) / (time.monotonic() - t0)
+
+    try:
+        mesh.wait_epoch(args.warmup_epochs)
+        healthy = rate(args.stop_seconds)
+        os.killpg(mesh.peers[2].pid, signal.SIGSTOP)
+        stopped_at, start = time.monotonic(), epoch()
+        time.sleep(min(args.averaging_timeout, args.stop_seconds))
+        after_timeout = rate(max(1.0, args.stop_seconds - (time.monotonic() - stopped_at)))
+        during = (epoch() - start) / (time.monotonic() - stopped_at)
+        os.killpg(mesh.peers[2].pid, signal.SIGCONT)
+        return {"healthy_epochs_per_s": healthy, "stopped_epochs_per_s": during, "after_timeout_epochs_per_s": after_timeout,
+                "during/healthy": during / healthy if healthy else float("nan"),
+                "after_timeout/healthy": after_timeout / healthy if healthy else float("nan")}
+    finally:
+        mesh.close()
+
+
+def parse_cases(text: str) -> list[dict]:
+    cases = []
+    for item in text.split(","):
+        task, _, target = item.rpartition(":")
+        cases.append({"task": task, "target": int(target), "name": f"{task.rpartition(':')[2] or task}@{target}"})
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="demo")
+    parser.add_argument("--cases", default=CASES, help="TASK:TARGET_BATCH_SIZE, comma-separated")
     parser.add_argument("--batch-size", type=int, default=None, help="per process and step (the task's default)")
-    parser.add_argument("--target-batch-size", type=int, default=512, help="the mesh's global batch per epoch")
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window per setup")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (plain, DDP)")
+    parser.add_argument("--warmup-epochs", type=int, default=3, help="mesh: epochs before the window")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--straggler", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--straggler-target", type=int, default=512)
+    parser.add_argument("--stop-seconds", type=float, default=45.0)
+    parser.add_argument("--averaging-timeout", type=float, default=30.0, help="the straggler run's (the default run's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    plain, plain_steps = run_plain(args)
-    results = {"plain": plain, "gloo_2": run_gloo(args, plain_steps), "mesh_2": run_mesh(args)}
-    ratios = {
-        "mesh_2/gloo_2": results["mesh_2"] / results["gloo_2"],
-        "mesh_2/plain": results["mesh_2"] / results["plain"],
-        "gloo_2/plain": results["gloo_2"] / results["plain"],
-    }
-    print(f"task={args.task} threads={args.threads} seconds={args.seconds:g} target_batch_size={args.target_batch_size}")
-    print("  " + " ".join(f"{name}={value:.1f} samples/s" for name, value in results.items()))
-    print("  ratio: " + " ".join(f"{name}={value:.2f}" for name, value in ratios.items()))
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
+    for case in parse_cases(args.cases):
+        plain, seconds_per_batch = run_plain(case, args)
+        results = {
+            "plain": plain,
+            "ddp_eq": run_ddp(case, args, seconds_per_batch, equal_batch=True),
+            "ddp_step": run_ddp(case, args, seconds_per_batch, equal_batch=False),
+        }
+        results["mesh"], cpu = run_mesh(case, args)
+        ratios = {"mesh/ddp_eq": results["mesh"] / results["ddp_eq"], "mesh/plain": results["mesh"] / results["plain"],
+                  "ddp_eq/plain": results["ddp_eq"] / results["plain"], "mesh/ddp_step": results["mesh"] / results["ddp_step"]}
+        report["cases"][case["name"]] = {"samples_per_second": results, "ratios": ratios, "mesh_cpu_share": cpu}
+        print(f"{case['name']}: threads={args.threads} seconds={args.seconds:g} (2 processes each but plain)", flush=True)
+        print("  " + " ".join(f"{k}={v:.1f}" for k, v in results.items()) + " samples/s")
+        print("  ratio: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()) + "  (target mesh/ddp_eq >= 0.9)")
+        print("  mesh CPU share of the machine: " + " ".join(f"{k}={v:.0%}" for k, v in cpu.items()), flush=True)
+    if args.straggler:
+        straggler = run_straggler(args)
+        report["straggler"] = straggler
+        print(f"straggler: 3 peers, demo@{args.straggler_target}, one SIGSTOPped {args.stop_seconds:g}s, "
+              f"averaging timeout {args.averaging_timeout:g}s")
+        print("  " + " ".join(f"{k}={v:.3f}" for k, v in straggler.items()) + "  (target after_timeout/healthy >= 0.7)")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "samples_per_second": results,
-                                         "ratios": ratios}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -72,10 +72,14 @@ def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_pr
     for peer in peers:
         assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
     final = assert_same_parameters(*peers)
+    # an epoch is the run's target batch (512) over both peers, not 512 per peer (as when a peer never sees the
+    # other's progress): allow 40% over for the start-up steps and reports in flight at each epoch's end
+    assert sum(peer.status()["samples"] for peer in peers) <= 1.4 * EPOCHS * 512
     for peer in peers:
         status = peer.status()
         assert status["epoch"] == EPOCHS and status["state"] == "left"
         assert status["rounds"]["ok"] >= 1, status  # at least one round really averaged with the other peer
+        assert status["data_plane_builds"] >= 1 and status["data_plane_fallbacks"] == 0, status  # on gloo
 
     # Threshold: the mesh takes EPOCHS optimizer steps on averaged gradients of >= target_batch_size samples, the
     # same as single-process SGD with that batch; only the samples drawn differ. So the mesh must do no worse than
@@ -84,6 +88,20 @@ def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_pr
     start = reference_eval_loss(0, 0)
     assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), references)
     assert eval_loss(final) < 0.5 * start
+
+
+def test_a_peer_without_the_data_plane_averages_through_hivemind(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """A group with a member that offers no data plane (--data-plane hivemind) uses hivemind's all-reduce."""
+    peers = [
+        mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", "3", "--min-peers", "2", *extra))
+        for n, extra in (("a", ()), ("b", ("--data-plane", "hivemind")))
+    ]
+    for peer in peers:
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    assert_same_parameters(*peers)
+    for peer in peers:
+        status = peer.status()
+        assert status["rounds"]["ok"] >= 1 and status["data_plane_builds"] == 0, status
 
 
 def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import hivemind
 import pytest
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException, PotentialLeaders
 from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException, PotentialLeaders
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
