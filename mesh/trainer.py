@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # Tensors smaller than this are sent as fp16 even in 8-bit mode: quantizing a bias of a few values costs more
 # accuracy than it saves bytes.
 EIGHT_BIT_MIN_SIZE = 2**12
-PROGRESS_REPORT_PERIOD = 0.5  # seconds between a peer's progress reports to the DHT (hivemind: every local step)
+PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress reports to the DHT (hivemind: every local step)
 PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
 
 
@@ -263,9 +263,9 @@ class Trainer:
             # group waits for, this many seconds after its last report
             # hivemind re-reads the swarm's progress at most every 10 s by default, sooner only when its (first,
             # start-up-slow) estimate says the epoch ends sooner; with epochs of a second or two a peer then counts
-            # only its own samples and every epoch grows to peers x target. Re-read at least every second, and
+            # only its own samples and every epoch grows to peers x target. Re-read at least every 2 s, and
             # at the start of every epoch (_on_new_epoch).
-            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION, "max_refresh_period": 1.0},
+            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION, "max_refresh_period": 2.0},
             client_mode=client_mode,
             verbose=False,
         )
