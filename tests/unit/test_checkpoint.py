@@ -58,6 +58,11 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             pick_device("cuda")
+        with pytest.raises(ConfigError, match="--device cuda:1 was asked for but torch sees no CUDA device"):
+            pick_device("cuda:1")
+    else:
+        with pytest.raises(ConfigError, match="CUDA device"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_to_device_walks_nested_batches() -> None:

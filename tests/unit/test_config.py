@@ -49,11 +49,20 @@ def test_env_types_are_coerced() -> None:
         ({"run": "bad id!"}, "invalid run id 'bad id!'"),
         ({}, "--run is required"),
         ({"run": "r", "log_format": "xml"}, "--log-format must be one of text, json"),
+        ({"run": "r", "device": "cuda:x"}, "--device must be one of auto, cpu, cuda or cuda:N"),
+        ({"run": "r", "data_plane": "nccl"}, "--data-plane must be one of gloo, hivemind"),
+        ({"run": "r", "average_state_every": "0"}, "--average-state-every must be > 0"),
     ],
 )
 def test_invalid_values_name_the_flag(flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         resolve(PeerConfig, flags, env={})
+
+
+def test_a_gpu_per_peer_and_the_data_plane_settings() -> None:
+    config = resolve(PeerConfig, {"run": "r", "device": "cuda:1", "data_plane": "hivemind"}, env={})
+    assert (config.device, config.data_plane, config.data_plane_host) == ("cuda:1", "hivemind", None)
+    assert resolve(PeerConfig, {"run": "r"}, env={}).data_plane == "gloo"
 
 
 def test_bad_env_value_names_the_variable() -> None:

@@ -1,0 +1,71 @@
+"""The data plane's small parts, without a network: the endpoint's wire form, the reuse rule, the address choice,
+and the progress-report throttle."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mesh.dataplane import Endpoint, GroupCache, digest, membership
+from mesh.dht import data_plane_host
+from mesh.trainer import ReportThrottle
+
+
+def test_endpoint_round_trips_and_refuses_malformed_values() -> None:
+    endpoint = Endpoint("10.0.0.2", 4242, 77)
+    assert Endpoint.from_wire(endpoint.to_wire()) == endpoint
+    for bad in (None, [], ["h", 1], ["h", 0, 1], ["h", 70000, 1], ["h", True, 1], ["h", 1, False], [1, 2, 3], "h:1:2"):
+        assert Endpoint.from_wire(bad) is None, bad
+
+
+def test_a_group_is_reused_only_when_every_member_holds_it() -> None:
+    cache = GroupCache("127.0.0.1", timeout=1.0)
+    members = [(b"b", Endpoint("127.0.0.1", 2, 0)), (b"a", Endpoint("127.0.0.1", 1, 0))]
+    key = membership(members)
+    assert key == ((b"a", "127.0.0.1", 1), (b"b", "127.0.0.1", 2))  # sorted by peer id, whatever hivemind's order
+    sentinel = object()
+    cache._key, cache._group = key, sentinel  # as after a build
+    holding = [(peer, Endpoint(e.host, e.port, digest(key))) for peer, e in members]
+    assert cache.get(holding, b"a", b"round") == (sentinel, 0)  # everyone holds it: no rendezvous at all
+    assert cache.builds == 0
+    assert cache.current == digest(key) != 0
+
+
+def test_data_plane_host_prefers_what_others_can_reach() -> None:
+    class FakeDHT:
+        def __init__(self, addrs: list[str]) -> None:
+            self.addrs = addrs
+
+        def get_visible_maddrs(self, latest: bool = False) -> list[str]:
+            return self.addrs
+
+    visible = FakeDHT(["/ip4/127.0.0.1/tcp/1/p2p/X", "/ip4/10.1.2.3/tcp/1/p2p/X"])
+    assert data_plane_host("192.168.0.9", "0.0.0.0", (), visible) == "192.168.0.9"  # asked for
+    assert data_plane_host(None, "127.0.0.1", (), visible) == "127.0.0.1"  # the listening host
+    assert data_plane_host(None, "0.0.0.0", ("/ip4/203.0.113.5/tcp/31337",), visible) == "203.0.113.5"  # announced
+    assert data_plane_host(None, "0.0.0.0", ("/dns4/peer.example/tcp/1",), visible) == "10.1.2.3"  # non-loopback first
+    assert data_plane_host(None, "0.0.0.0", (), FakeDHT(["/ip4/127.0.0.1/tcp/1/p2p/X"])) == "127.0.0.1"
+
+
+def test_report_throttle_wakes_at_most_once_per_period() -> None:
+    throttle, wakes = ReportThrottle(period=0.2), []
+    stop = threading.Event()
+
+    def reporter() -> None:  # hivemind's reporter: wait for "report now" (or its timeout), clear, report
+        while not stop.is_set():
+            if throttle.wait(5.0):
+                throttle.clear()
+            wakes.append(time.monotonic())
+
+    thread = threading.Thread(target=reporter, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # a training loop setting it after every ~1 ms step
+        throttle.set()
+        time.sleep(0.001)
+    stop.set()
+    throttle.set()
+    thread.join(2)
+    gaps = [b - a for a, b in zip(wakes, wakes[1:])]
+    assert 3 <= len(wakes) <= 7, wakes  # ~5 in 1 s, not ~1000
+    assert min(gaps) >= 0.19, gaps
