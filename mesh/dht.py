@@ -67,6 +67,9 @@ def check_port_free(host: str, port: int) -> None:
             raise JoinError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
+DHT_RPC_TIMEOUT = 3.0  # seconds a DHT request to one node may take (hivemind's default)
+
+
 def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT:
     """Start this process's DHT node and join the mesh through ``config.join``.
 
@@ -97,7 +100,10 @@ def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT
             identity_path=str(config.identity) if config.identity else None,
             client_mode=config.client_mode,
             record_validators=[RUN_RECORD_VALIDATOR],
-            wait_timeout=config.join_timeout,
+            # per Kademlia RPC, not the join's budget (that is bootstrap/startup_timeout): hivemind's progress
+            # tracker holds its lock through a DHT lookup, so one frozen peer (SIGSTOP, a stalled host) used to
+            # stall every other peer's epoch for the whole --join-timeout at each lookup that asked it
+            wait_timeout=min(DHT_RPC_TIMEOUT, config.join_timeout),
             bootstrap_timeout=min(5.0, config.join_timeout),
             ensure_bootstrap_success=require_join,
             startup_timeout=config.join_timeout,

@@ -259,7 +259,7 @@ def run_straggler(args) -> dict[str, float]:
 
 def parse_cases(text: str) -> list[dict]:
     cases = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         task, _, target = item.rpartition(":")
         cases.append({"task": task, "target": int(target), "name": f"{task.rpartition(':')[2] or task}@{target}"})
     return cases
