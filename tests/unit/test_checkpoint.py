@@ -80,6 +80,13 @@ def test_gradient_check_finds_nan_and_inf() -> None:
     assert not gradients_finite(model)
     model.bias.grad[0] = float("inf")
     assert not gradients_finite(model)
+    model.bias.grad[0], model.weight.grad[0, 0] = float("-inf"), float("inf")  # the sum of +inf and -inf is NaN
+    assert not gradients_finite(model)
+    half = torch.nn.Linear(3, 2).half()
+    half.weight.grad = torch.full((2, 3), 60000.0, dtype=torch.float16)  # fp16's sum would overflow; float32's does not
+    assert gradients_finite(half)
+    half.weight.grad[1, 2] = float("nan")
+    assert not gradients_finite(half)
 
 
 def test_optimizer_and_compression_names() -> None:
