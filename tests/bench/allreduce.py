@@ -20,7 +20,12 @@ sizes. Per size: one warm-up, which also checks the result against the closed-fo
 repetition's time is the slowest member's; the figure is the median over repetitions, and the bus bandwidth
 busbw = 4 * elements / seconds * 2 (n - 1) / n (what each member's link carries in a ring all-reduce), in GB/s
 (10^9 bytes). Ratios are of bus bandwidth: mesh/gloo is what the data plane costs over bare gloo (its extra weight
-all-reduce and scaling pass), hivemind/gloo what hivemind's own all-reduce would cost.
+all-reduce and scaling pass), hivemind/gloo what hivemind's own all-reduce would cost. Separate processes run one
+after the other, so a shared machine's load can differ between them; hence ``mesh/gloo_paired`` as well: in the
+mesh's processes every repetition first times a bare gloo all-reduce (SUM of one tensor) on the very process group
+the data plane uses, then bare gloo's mean (the SUM, then a division by the group size, as DDP's default hook does),
+then the data plane, back to back; ``mesh/gloo_paired`` and ``mesh/gloo_mean_paired`` are the medians over
+repetitions of the ratios of their times.
 
     python -m tests.bench.allreduce                                  # 1M, 10M, 25M elements; groups of 2 and 4
     python -m tests.bench.allreduce --sizes 1M --groups 2 --repeats 2
@@ -164,7 +169,7 @@ def _run_mesh(rank: int, world: int, sizes: list[int], repeats: int, shared, bar
 def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrier) -> dict:
     tensor, probe = _vector(elements, rank)
     flat, views = flat_views([tensor])
-    del tensor
+    bare = tensor  # the same values, for the paired bare all-reduce on the same process group
 
     def work() -> None:
         average_(group, views, weight=1.0, compression="none", codec=None, flat=flat)
@@ -172,7 +177,15 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
     barrier.wait(BARRIER_TIMEOUT)
     work()  # warm-up
     error = _check(flat, probe, (world + 1) / 2)
-    return {"times_s": _timed(work, barrier, repeats), "check_error": error}
+    # paired: each repetition times bare gloo (SUM of one tensor on this very process group), bare gloo's mean (the
+    # SUM, then a division, as DDP's default hook averages), then the data plane, back to back, so that all three
+    # see the same moment of a shared machine
+    times, paired, paired_mean = [], [], []
+    for _ in range(repeats):
+        paired += _timed(lambda: group.allreduce([bare]).wait(), barrier, 1, between=lambda: bare.div_(world))
+        paired_mean += _timed(lambda: (group.allreduce([bare]).wait(), bare.div_(world)), barrier, 1)
+        times += _timed(work, barrier, 1)
+    return {"times_s": times, "paired_gloo_s": paired, "paired_gloo_mean_s": paired_mean, "check_error": error}
 
 
 def _run_hivemind(rank: int, world: int, sizes: list[int], repeats: int, shared, barrier, options: dict) -> dict:
@@ -331,6 +344,12 @@ def run_method(method: str, world: int, sizes: list[int], repeats: int, options:
                          "check_error": max(member["check_error"] for member in per_member)}
         if "build_s" in per_member[0]:
             out[elements]["build_s"] = max(member["build_s"] for member in per_member)
+        for key, name in (("paired_gloo_s", "gloo_paired"), ("paired_gloo_mean_s", "gloo_mean_paired")):
+            if key in per_member[0]:
+                paired = [max(member[key][i] for member in per_member) for i in range(repeats)]
+                # median over repetitions of (baseline time / data-plane time): the data plane's share of its busbw
+                out[elements][f"mesh/{name}"] = statistics.median(g / m for g, m in zip(paired, times))
+                out[elements][f"{name}_median_s"] = statistics.median(paired)
     return out
 
 
@@ -384,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{m} {_cell(figures[m])}" for m in methods]
             if figures.get("mesh") and "build_s" in figures["mesh"]:
                 cells.append(f"mesh build {figures['mesh']['build_s'] * 1e3:.0f} ms")
+            for name in ("mesh/gloo_paired", "mesh/gloo_mean_paired"):
+                if figures.get("mesh") and name in figures["mesh"]:
+                    ratios[name] = figures["mesh"][name]
             line = f"{size_label(elements):>4} x{world}: " + " | ".join(cells)
             if ratios:
                 line += " | " + " ".join(f"{name}={value:.2f}" for name, value in ratios.items())
