@@ -166,12 +166,28 @@ async def create_run(request: web.Request) -> web.Response:
     if body.min_peers > body.max_peers:
         raise InvalidParameter("min_peers", "must not exceed max_peers")
     now = utcnow()
-    run = await store_of(request).create_run(Run(**body.model_dump(), created_at=now, updated_at=now))
+    fields = body.model_dump()
+    fields["hyperparameters"] = await asyncio.to_thread(_with_task_defaults, body.task, fields["hyperparameters"])
+    run = await store_of(request).create_run(Run(**fields, created_at=now, updated_at=now))
     await record_event(store_of(request), "run_created", f"run {run.run_id} created (task {run.task})", run.run_id)
     publish = request.app.get(PUBLISH)
     if publish is not None and await publish(run):
         await record_event(store_of(request), "run_published", f"run {run.run_id} published to the DHT", run.run_id)
     return reply(run, status=201)
+
+
+def _with_task_defaults(task_spec: str, hyper: dict) -> dict:
+    """Unset hyperparameters become the task's defaults, as a peer creating the run would choose them; left unset
+    (for the first peer to resolve) when the task cannot be loaded here (a user's module)."""
+    try:  # the coordinator's image has no torch: there every task is "not loadable here"
+        from mesh.runs import resolve_hyperparameters
+        from mesh.tasks import load_task
+
+        task = load_task(task_spec)
+    except Exception as err:
+        logger.info("task %s not loadable here (%s); unset hyperparameters stay the task's defaults", task_spec, err)
+        return hyper
+    return {**hyper, **resolve_hyperparameters(task, hyper)}
 
 
 async def get_run(request: web.Request) -> web.Response:
@@ -275,7 +291,7 @@ async def _advance_run(store: Store, run: Run, beat: Heartbeat, now: datetime) -
     alive = counts.get((run.run_id, "alive"), 0)
     progress = RunProgress(
         epoch=beat.epoch,
-        samples=beat.epoch * run.hyperparameters.target_batch_size,
+        samples=beat.epoch * (run.hyperparameters.target_batch_size or 0),  # unknown until a peer resolves it
         loss=beat.loss,
         samples_per_second=beat.samples_per_second,
         peers_alive=alive,

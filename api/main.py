@@ -11,7 +11,7 @@ import signal
 from aiohttp import web
 
 from api.app import create_app
-from mesh import metrics
+from mesh import atomicfile, metrics
 from mesh.config import ApiConfig, describe
 from mesh.errors import ConfigError, JoinError
 
@@ -38,7 +38,7 @@ async def serve(config: ApiConfig, dht=None) -> None:
     logger.info("coordinator listening url=%s store=%s", url, store)
     print(f"coordinator listening on {url} ({store}); status page at {url}/", flush=True)
     if config.address_file is not None:
-        config.address_file.write_text(url + "\n")
+        atomicfile.write(config.address_file, url + "\n")  # mesh up reads it as soon as it exists
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -30,10 +30,15 @@ class Strict(BaseModel):
 
 
 class Hyperparameters(Strict):
-    batch_size: int = Field(16, ge=1, le=1_000_000, description="Samples per local step")
-    target_batch_size: int = Field(1024, ge=1, le=1_000_000_000, description="Samples per epoch, over all peers")
-    optimizer: Optimizer = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
+    """A run's hyperparameters. Unset (null) ``batch_size``, ``target_batch_size``, ``optimizer`` and ``lr`` mean the
+    task's own defaults, as for ``mesh peer --task``: the coordinator fills them in when it can load the task, else
+    the peer that creates the run's DHT record does."""
+
+    batch_size: int | None = Field(None, ge=1, le=1_000_000, description="Samples per local step (null: the task's default)")
+    target_batch_size: int | None = Field(None, ge=1, le=1_000_000_000,
+                                          description="Samples per epoch, over all peers (null: the task's default)")
+    optimizer: Optimizer | None = Field(None, description="null: the task's default")
+    lr: float | None = Field(None, gt=0, le=10, description="null: the task's default")
     averaging: Averaging = "gradients"
     compression: Compression = "none"
     matchmaking_time: float = Field(3.0, gt=0, le=600)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -100,15 +100,12 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 def setup(app: web.Application) -> None:
     for op in OPERATIONS:
         app.router.add_route(op.method, PREFIX + op.path, op.handler, name=op.handler.__name__)
     app.router.add_get(PREFIX + "/openapi.json", openapi_handler, name="openapi")
-    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    # prometheus_client's own handler: content negotiation (OpenMetrics), ?name[]= filters, gzip when asked
+    app.router.add_get("/metrics", make_aiohttp_handler(), name="metrics")
 
 
 _PATH_PARAMS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mesh import httpserve, lifecycle, metrics
+from mesh import atomicfile, httpserve, lifecycle, metrics
 from mesh.config import BootstrapConfig, describe
 from mesh.dht import routing_table_size, start_dht, visible_maddrs
 
@@ -23,9 +23,7 @@ def run(config: BootstrapConfig) -> int:
     try:
         addrs = visible_maddrs(dht)
         if config.address_file is not None:
-            tmp = config.address_file.with_suffix(".tmp")
-            tmp.write_text("\n".join(addrs) + "\n")
-            tmp.replace(config.address_file)
+            atomicfile.write(config.address_file, "\n".join(addrs) + "\n")
         print("bootstrap node is up; peers join with:", flush=True)
         for addr in addrs:
             print(f"  mesh peer --join {addr} --run RUN_ID --task TASK", flush=True)

@@ -21,6 +21,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 build_info = Info("mesh_build", "Version of the mesh and of its main dependencies, and the process's role")
 uptime = Gauge("mesh_process_uptime_seconds", "Seconds since this process started")
 dht_peers = Gauge("mesh_dht_peers", "DHT peers in this node's routing table")
+http_disconnects = Counter("mesh_http_client_disconnects_total",
+                           "Requests to /metrics or /healthz whose client hung up before the reply was sent")
 
 # peer
 steps = Counter("mesh_peer_steps_total", "Local steps (batches) taken", ["run"])

@@ -35,12 +35,22 @@ def model_fingerprint(task: Task, seed: int) -> str:
     return fingerprint(task.make_model())
 
 
+TASK_DEFAULTED = ("batch_size", "target_batch_size", "optimizer", "lr")
+
+
+def resolve_hyperparameters(task: Task, given: dict) -> dict:
+    """``batch_size``, ``target_batch_size``, ``optimizer`` and ``lr``: the given ones (None: unset), then the task's
+    suggestions, then the mesh's; the epoch is never smaller than one local batch. The one rule for every path that
+    creates a run (``mesh peer --task``, the coordinator's API)."""
+    suggested = {"batch_size": 16, "target_batch_size": 256, "optimizer": "adamw", "lr": 1e-3, **task.defaults}
+    hyper = {name: suggested[name] if given.get(name) is None else given[name] for name in TASK_DEFAULTED}
+    hyper["target_batch_size"] = max(hyper["target_batch_size"], hyper["batch_size"])
+    return hyper
+
+
 def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults) -> RunRecord:
     """The record of a new run: flags first, then the task's suggested hyperparameters."""
-    suggested = {"batch_size": 16, "target_batch_size": 256, "optimizer": "adamw", "lr": 1e-3, **task.defaults}
-    hyper = {name: getattr(defaults, name) for name in ("batch_size", "target_batch_size", "optimizer", "lr")}
-    hyper = {name: suggested[name] if value is None else value for name, value in hyper.items()}
-    hyper["target_batch_size"] = max(hyper["target_batch_size"], hyper["batch_size"])
+    hyper = resolve_hyperparameters(task, {name: getattr(defaults, name) for name in TASK_DEFAULTED})
     return make_record(
         run_id,
         task_spec,

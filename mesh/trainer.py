@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
-from mesh import checkpoint, metrics
+from mesh import atomicfile, checkpoint, metrics
 from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.errors import ConfigError, RunError
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
@@ -275,19 +274,33 @@ class Trainer:
             client_mode=client_mode,
             verbose=False,
         )
-        if self.opt.grad_averager is not None:
-            self.opt.grad_averager.gradient_wire_bytes = wire_bytes(
-                list(self.model.parameters()), record.compression, EIGHT_BIT_MIN_SIZE)
-        self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        metrics.init_peer(record.run_id, str(device), self.gpu_name)
-        self.progress = Progress()
-        self._epoch_times: list[float] = []
-        self._resume()
+        try:
+            if self.opt.grad_averager is not None:
+                self.opt.grad_averager.gradient_wire_bytes = wire_bytes(
+                    list(self.model.parameters()), record.compression, EIGHT_BIT_MIN_SIZE)
+            self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+            metrics.init_peer(record.run_id, str(device), self.gpu_name)
+            self.progress = Progress()
+            self._epoch_times: list[float] = []
+            self._resume()
+        except BaseException:
+            # the optimizer has started helper processes and threads (progress tracker, averagers): a peer that
+            # cannot start must not leave them running, or the process never exits
+            self.opt.shutdown()
+            raise
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
             return
-        state = checkpoint.load(self.checkpoint_dir)
+        try:
+            state = checkpoint.load(self.checkpoint_dir)
+        except checkpoint.UnreadableCheckpoint as err:
+            others = [peer for peer in fetch_peers(self.opt.dht, self.record.run_id) if peer != self.peer_id]
+            if not others:
+                raise RunError(f"{err}, and no live peer of run {self.record.run_id!r} has its state to take instead; "
+                               f"put a good checkpoint at {err.path}, or start again to begin from scratch") from None
+            logger.warning("%s; taking the state from the %d live peer(s) of run %s", err, len(others), self.record.run_id)
+            return
         if state is None:
             return
         if state.get("fingerprint") != self.record.fingerprint or state.get("run_id") != self.record.run_id:
@@ -379,9 +392,7 @@ class Trainer:
         data = self.progress.snapshot(
             run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), state=self.state, **extra
         )
-        tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.status_file)
+        atomicfile.write(self.status_file, json.dumps(data))
 
     def presence(self) -> PeerPresence:
         p = self.progress

@@ -129,7 +129,7 @@ def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
     names = ("batch_size", "target_batch_size", "optimizer", "lr", "averaging", "compression", "matchmaking_time",
              "averaging_timeout", "average_state_every", "seed")
-    return {name: hyper[name] for name in names if name in hyper}
+    return {name: hyper[name] for name in names if hyper.get(name) is not None}  # None: the task's default
 
 
 def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:

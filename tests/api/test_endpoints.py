@@ -269,3 +269,37 @@ async def test_openapi_document_is_valid_and_covers_every_route(client: TestClie
     documented = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
     api_routes = {(m, p) for m, p in routes if p.startswith("/api/v1") and p != "/api/v1/openapi.json" and m != "HEAD"}
     assert api_routes == documented
+
+
+async def test_metrics_page_negotiates_openmetrics_and_filters(client: TestClient) -> None:
+    await client.get("/api/v1/health")
+    plain = await client.get("/metrics")
+    assert plain.status == 200 and plain.headers["Content-Type"].startswith("text/plain")
+    assert "mesh_api_requests_total" in await plain.text()
+    openmetrics = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert (await openmetrics.text()).rstrip().endswith("# EOF")
+    only = await (await client.get("/metrics", params={"name[]": "mesh_build_info"})).text()
+    assert "mesh_build_info" in only and "mesh_api_requests_total" not in only
+
+
+async def test_unset_hyperparameters_are_the_tasks_defaults_as_for_mesh_peer(client: TestClient) -> None:
+    """Reference: the record ``mesh peer --task regression`` creates (mesh.runs.create_record with no flags)."""
+    from mesh.config import RunDefaults
+    from mesh.runs import create_record
+    from mesh.tasks import load_task
+
+    expected = create_record("r1", "regression", load_task("regression"), RunDefaults())
+    hyper = (await create(client))["hyperparameters"]
+    assert {k: hyper[k] for k in ("optimizer", "lr", "batch_size", "target_batch_size")} == {
+        "optimizer": expected.optimizer, "lr": expected.lr, "batch_size": expected.batch_size,
+        "target_batch_size": expected.target_batch_size}
+    assert hyper["optimizer"] == "sgd" and hyper["target_batch_size"] == 64  # not the API's old adamw / 1024
+    given = (await create(client, "r2", hyperparameters={"lr": 0.05}))["hyperparameters"]
+    assert given["lr"] == 0.05 and given["optimizer"] == "sgd"  # what is given wins, the rest is the task's
+    stored = await (await client.get("/api/v1/runs/r2")).json()
+    assert stored["hyperparameters"] == given
+    # a task the coordinator cannot load (a user's module): unset stays unset, for the first peer to resolve
+    response = await client.post("/api/v1/runs", json={"run_id": "r3", "task": "no_such_module_xyz:task"})
+    assert response.status == 201
+    assert (await response.json())["hyperparameters"]["optimizer"] is None

@@ -173,3 +173,47 @@ def test_checkpoint_resume_continues_from_the_saved_epoch(bootstrap: str, mesh_p
     status = again.status()
     assert status["epoch"] == 5 and status["local_steps"] < 3 * 32  # two epochs of work, not five
     assert not torch.equal(again.load_parameters()["weight"], saved["weight"])  # and it kept training
+
+
+def _exit_collecting_helpers(process: MeshProcess, timeout: float) -> int:
+    """Wait for ``process`` to exit, noting its helper processes meanwhile (to check that none survives it)."""
+    deadline = time.monotonic() + timeout
+    while process.proc.poll() is None and time.monotonic() < deadline:
+        process.remember_descendants()
+        time.sleep(0.2)
+    return wait_exit(process, max(1.0, deadline - time.monotonic()))
+
+
+def test_unreadable_checkpoint_without_live_peers_exits_with_one_line_and_keeps_the_file(
+        bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "2"))
+    assert _exit_collecting_helpers(peer, 90) == 4, peer.output()[-3000:]  # a hang was the defect (issue 10)
+    out = peer.output()
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    assert "Traceback" not in out and len(errors) == 1, out[-3000:]
+    assert "cannot be read" in errors[0] and "no live peer" in errors[0]
+    moved = list((tmp_path / "a").glob("checkpoint.pt.unreadable-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == b"not a checkpoint"  # set aside as it was, not lost
+    assert peer.descendants, "the peer never started its helpers: the test did not reach the checkpoint"
+    deadline = time.monotonic() + 10
+    while alive(peer.descendants) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(peer.descendants) == set()
+
+
+def test_unreadable_checkpoint_with_a_live_peer_takes_the_state_from_the_mesh(
+        bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    healthy = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--max-epochs", "6"))
+    healthy.wait_epoch(2, timeout=120)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "checkpoint.pt").write_bytes(b"\x80\x02 truncated")
+    peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "6"))
+    for process in (peer, healthy):
+        assert wait_exit(process, 180) == 0, process.output()[-3000:]
+    out = peer.output()
+    assert "cannot be read" in out and "taking the state from the 1 live peer" in out and "loaded state from peers" in out
+    assert len(list((tmp_path / "a").glob("checkpoint.pt.unreadable-*"))) == 1
+    assert peer.status()["epoch"] == 6 and peer.status()["local_steps"] < 5 * 32  # it joined mid-run, not from 0
+    assert_same_parameters(peer, healthy)

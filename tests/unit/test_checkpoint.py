@@ -36,10 +36,23 @@ def test_crash_during_write_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
 
 
-def test_missing_and_unreadable_checkpoints(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"garbage", b"", b"truncated"], ids=["garbage", "empty", "truncated"])
+def test_unreadable_checkpoint_is_moved_aside_not_lost(tmp_path: Path, content: bytes) -> None:
     assert checkpoint.load(tmp_path) is None
-    (tmp_path / checkpoint.FILENAME).write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="cannot be read"):
+    if content == b"truncated":
+        checkpoint.save(tmp_path, {"model": {"w": torch.ones(1000)}})
+        content = (tmp_path / checkpoint.FILENAME).read_bytes()[:500]
+    (tmp_path / checkpoint.FILENAME).write_bytes(content)
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="cannot be read") as caught:
+        checkpoint.load(tmp_path)
+    assert not (tmp_path / checkpoint.FILENAME).exists()
+    assert caught.value.moved_to.parent == tmp_path and caught.value.moved_to.read_bytes() == content  # kept as it was
+    assert checkpoint.load(tmp_path) is None  # the next start begins without it
+
+
+def test_checkpoint_holding_something_else_is_unreadable(tmp_path: Path) -> None:
+    torch.save([1, 2, 3], tmp_path / checkpoint.FILENAME)
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="not a checkpoint"):
         checkpoint.load(tmp_path)
 
 

@@ -110,3 +110,10 @@ def test_every_field_has_a_flag_with_help_naming_its_env_var() -> None:
 def test_describe_lists_every_setting() -> None:
     line = describe(resolve(PeerConfig, {"run": "r", "join": ("/a",)}, env={}))
     assert "run=r" in line and "join=/a" in line and "compression=none" in line
+
+
+def test_a_coordinators_unset_hyperparameters_leave_the_tasks_defaults() -> None:
+    from peer.main import _hyperparameters
+
+    run = {"hyperparameters": {"lr": None, "optimizer": None, "batch_size": 8, "target_batch_size": None, "seed": 3}}
+    assert _hyperparameters(run) == {"batch_size": 8, "seed": 3}
