@@ -76,8 +76,10 @@ OPERATIONS = (
     Operation("POST", f"/runs/{_RUN}/stop", h.stop_run, "Stop a run: its peers leave at their next heartbeat", "runs", Run,
               errors=(401, 404, 409, 422, 503)),
     Operation(
-        "GET", f"/runs/{_RUN}/history", h.run_history, "Per-epoch loss and throughput", "runs", HistoryList,
-        errors=(404, 422, 503), query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "last N points"),),
+        "GET", f"/runs/{_RUN}/history", h.run_history, "Per-epoch loss and throughput, spread over the whole run", "runs",
+        HistoryList, errors=(404, 422, 503),
+        query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 500},
+                     "at most N points, evenly spread from the first epoch to the last (every point when fewer)"),),
     ),
     Operation("GET", f"/runs/{_RUN}/events", h.run_events, "What happened in a run, newest first", "runs", EventPage,
               errors=(404, 422, 503), query=(LIMIT, OFFSET)),

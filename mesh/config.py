@@ -63,8 +63,20 @@ def _check_positive(name: str, value: float | int | None, allow_zero: bool = Fal
         raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
+class Section:
+    """Base of every config: validation runs for every section a config is made of. Each class validates its own
+    fields in ``_validate``; ``__post_init__`` calls every class's, base sections first, so that a config that
+    combines sections (``DoctorConfig(LogConfig, NetworkConfig)``) cannot skip one by the order of its bases."""
+
+    def __post_init__(self) -> None:
+        for klass in reversed(type(self).__mro__):
+            validate = klass.__dict__.get("_validate")
+            if validate is not None:
+                validate(self)
+
+
 @dataclass(frozen=True)
-class NetworkConfig:
+class NetworkConfig(Section):
     """How a process listens on and joins the DHT (shared by bootstrap, peer and doctor)."""
 
     join: tuple[str, ...] = ()
@@ -83,19 +95,19 @@ class NetworkConfig:
     join_timeout: float = 30.0
     """Seconds to wait for the DHT to answer before giving up."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         _check_port("port", self.port)
         _check_positive("join_timeout", self.join_timeout)
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(Section):
     log_level: str = "info"
     """debug, info, warning or error."""
     log_format: str = "text"
     """text for people, json for log shippers."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         _check_choice("log_format", self.log_format, LOG_FORMATS)
         _check_choice("log_level", self.log_level.lower(), ("debug", "info", "warning", "error"))
 
@@ -111,14 +123,12 @@ class BootstrapConfig(LogConfig, NetworkConfig):
     metrics_port: int | None = None
     """Serve ``/healthz`` and ``/metrics`` on this HTTP port (0 picks one); off when unset."""
 
-    def __post_init__(self) -> None:
-        NetworkConfig.__post_init__(self)
-        LogConfig.__post_init__(self)
+    def _validate(self) -> None:
         _check_port("metrics_port", self.metrics_port)
 
 
 @dataclass(frozen=True)
-class RunDefaults:
+class RunDefaults(Section):
     """Hyperparameters used when this peer creates a run; ignored when it joins an existing one."""
 
     batch_size: int | None = None
@@ -143,7 +153,7 @@ class RunDefaults:
     seed: int = 0
     """Seed of the model's initial parameters (every peer of the run starts from the same ones)."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         _check_positive("batch_size", self.batch_size)
         _check_positive("target_batch_size", self.target_batch_size)
         _check_positive("lr", self.lr)
@@ -206,10 +216,7 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     heartbeat_interval: float = 5.0
     """Seconds between heartbeats to the coordinator."""
 
-    def __post_init__(self) -> None:
-        NetworkConfig.__post_init__(self)
-        LogConfig.__post_init__(self)
-        RunDefaults.__post_init__(self)
+    def _validate(self) -> None:
         if not self.run:
             raise ConfigError("--run is required: the id of the run to join or create (e.g. --run demo)")
         validate_run_id(self.run)
@@ -250,9 +257,7 @@ class UpConfig(RunDefaults, LogConfig):
     api_port: int = 8080
     """Port of the local coordinator and its status page (0 picks a free one)."""
 
-    def __post_init__(self) -> None:
-        LogConfig.__post_init__(self)
-        RunDefaults.__post_init__(self)
+    def _validate(self) -> None:
         _check_port("api_port", self.api_port)
         if not 1 <= self.peers <= 64:
             raise ConfigError(f"--peers must be between 1 and 64, got {self.peers}")
@@ -301,14 +306,15 @@ class ApiConfig(LogConfig):
     address_file: Path | None = None
     """Write the coordinator's URL here once it listens."""
 
-    def __post_init__(self) -> None:
-        LogConfig.__post_init__(self)
+    def _validate(self) -> None:
         _check_port("port", self.port)
         _check_positive("heartbeat_interval", self.heartbeat_interval)
         _check_positive("max_body_bytes", self.max_body_bytes)
         _check_positive("observe_interval", self.observe_interval)
         if self.mongo_url is not None and not self.mongo_url.startswith(("mongodb://", "mongodb+srv://")):
-            raise ConfigError(f"--mongo-url must start with mongodb:// or mongodb+srv://, got {self.mongo_url!r}")
+            scheme = self.mongo_url.split("://", 1)[0] + "://" if "://" in self.mongo_url else "no scheme"
+            # not the URL itself: it may hold a password
+            raise ConfigError(f"--mongo-url must start with mongodb:// or mongodb+srv://, got {scheme}")
 
 
 @dataclass(frozen=True)
@@ -324,8 +330,7 @@ class StatusConfig(LogConfig):
     output: str = "table"
     """table or json."""
 
-    def __post_init__(self) -> None:
-        LogConfig.__post_init__(self)
+    def _validate(self) -> None:
         _check_choice("output", self.output, ("table", "json"))
         if not self.coordinator.startswith(("http://", "https://")):
             raise ConfigError(f"--coordinator must be an http:// or https:// URL, got {self.coordinator!r}")

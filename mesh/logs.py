@@ -4,21 +4,59 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
+_FIELD = re.compile(r"(?<![\w.])([a-z_][a-z0-9_]*)=(\S+)")
+_context: dict[str, str] = {}
+
+
+def set_context(**fields: str | None) -> None:
+    """Fields every JSON record of this process carries from now on (``run``, ``peer_id``), once they are known."""
+    _context.update({k: str(v) for k, v in fields.items() if v is not None})
+
+
+def _value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def fields_of(message: str) -> dict[str, object]:
+    """The ``key=value`` pairs of a log message (the project's convention), numbers as numbers."""
+    return {key: _value(value.rstrip(",;")) for key, value in _FIELD.findall(message)}
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, the process's role, run and peer id (once known), the message,
+    and the message's ``key=value`` pairs as fields of their own (``epoch=3 loss=0.25`` -> ``"epoch": 3, "loss": 0.25``)."""
+
+    def __init__(self, role: str = "") -> None:
+        super().__init__()
+        self.role = role
+
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
         data = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            **({"role": self.role} if self.role else {}),
+            **_context,
+            "message": message,
         }
+        for key, value in fields_of(message).items():
+            if key not in data:
+                data[key] = value
+            elif str(data[key]) != str(value):  # never shadow the record's own fields: keep both
+                data[f"field_{key}"] = value
         if record.exc_info:
             data["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(data)
+        return json.dumps(data, default=str)
 
 
 # Messages hivemind's background tasks produce when they are cancelled at shutdown or between rounds: expected,
@@ -50,7 +88,7 @@ def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
     _level = level.lower()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(role))
     else:
         prefix = f"{role} " if role else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import aiohttp
 
 from mesh import __version__
+from mesh.coordinator_client import Coordinator
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +26,16 @@ ENDED = ("stopped", "finished", "failed")
 class Reporter(threading.Thread):
     def __init__(
         self,
-        url: str,
+        coordinator: Coordinator,
         peer_id: str,
         snapshot: Callable[[], dict[str, Any]],
         on_run_ended: Callable[[str], None],
         interval: float = 5.0,
-        token: str | None = None,
     ) -> None:
         super().__init__(name="coordinator-reporter", daemon=True)
-        self.base = url.rstrip("/") + "/api/v1"
+        self.coordinator = coordinator
         self.peer_id, self.snapshot, self.on_run_ended = peer_id, snapshot, on_run_ended
         self.interval, self.max_backoff = interval, interval * 8
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.failures = 0
         self.sent = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,7 +54,7 @@ class Reporter(threading.Thread):
     async def _main(self) -> None:
         timeout = aiohttp.ClientTimeout(total=min(10.0, self.interval * 2))
         self._wake = asyncio.Event()
-        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.coordinator.headers) as session:
             delay = 0.0
             while not self._stopping.is_set():
                 try:
@@ -70,7 +69,7 @@ class Reporter(threading.Thread):
     async def _beat(self, session: aiohttp.ClientSession) -> float:
         try:
             body = {**self.snapshot(), "version": __version__, "host": platform.node()}
-            async with session.put(f"{self.base}/peers/{self.peer_id}/heartbeat", json=body) as response:
+            async with session.put(self.coordinator.api(f"/peers/{self.peer_id}/heartbeat"), json=body) as response:
                 if response.status >= 400:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
                 answer = await response.json()
@@ -78,10 +77,11 @@ class Reporter(threading.Thread):
             self.failures += 1
             backoff = min(self.max_backoff, self.interval * 2 ** min(self.failures, 6))
             if self.failures == 1 or self.failures % 10 == 0:
-                logger.warning("coordinator unreachable url=%s error=%s; training goes on, retry in %.0fs", self.base, err, backoff)
+                logger.warning("coordinator unreachable url=%s error=%s; training goes on, retry in %.0fs",
+                               self.coordinator.base, err, backoff)
             return backoff
         if self.failures:
-            logger.info("coordinator reachable again url=%s after_failures=%d", self.base, self.failures)
+            logger.info("coordinator reachable again url=%s after_failures=%d", self.coordinator.base, self.failures)
         self.failures = 0
         self.sent += 1
         if answer.get("run_status") in ENDED:
@@ -91,7 +91,7 @@ class Reporter(threading.Thread):
 
     async def _leave(self, session: aiohttp.ClientSession) -> None:
         try:
-            async with session.post(f"{self.base}/peers/{self.peer_id}/leave") as response:
+            async with session.post(self.coordinator.api(f"/peers/{self.peer_id}/leave")) as response:
                 await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             logger.warning("could not tell the coordinator we left error=%s", err)

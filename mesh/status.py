@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any
 
 from mesh.config import StatusConfig
-from mesh.errors import JoinError
+from mesh.coordinator_client import Coordinator
 
 
 def _get(config: StatusConfig, path: str) -> Any:
-    request = urllib.request.Request(config.coordinator.rstrip("/") + "/api/v1" + path)
-    if config.api_token:
-        request.add_header("Authorization", f"Bearer {config.api_token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as err:
-        try:
-            message = json.load(err)["error"]["message"]
-        except Exception:
-            message = err.reason
-        raise JoinError(f"the coordinator answered HTTP {err.code}: {message}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise JoinError(f"cannot reach the coordinator at {config.coordinator}: {getattr(err, 'reason', err)}") from None
+    return Coordinator(config.coordinator, config.api_token).get(path, missing_ok=False)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

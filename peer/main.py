@@ -12,8 +12,9 @@ import zlib
 
 import torch
 
-from mesh import checkpoint, coordinator_client, httpserve, lifecycle, metrics
+from mesh import checkpoint, httpserve, lifecycle, logs, metrics
 from mesh.config import PeerConfig, describe
+from mesh.coordinator_client import Coordinator
 from mesh.dht import check_port_free, data_plane_host, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
 from mesh.reporting import Reporter
@@ -39,17 +40,18 @@ def run(config: PeerConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
 
+    coordinator = Coordinator(config.coordinator, config.api_token) if config.coordinator else None
     if config.run == "auto":
         if not config.coordinator:
             raise ConfigError("--run auto needs --coordinator URL: the coordinator knows which run most needs peers")
-        config = dataclasses.replace(config, run=coordinator_client.pick_run(config.coordinator))
+        config = dataclasses.replace(config, run=coordinator.pick_run())
         logger.info("picked run run=%s", config.run)
     if config.coordinator and not config.join:
-        config = dataclasses.replace(config, join=coordinator_client.bootstrap_addrs(config.coordinator))
+        config = dataclasses.replace(config, join=coordinator.bootstrap_addrs())
     coordinator_run = None
     if config.coordinator:
         try:
-            coordinator_run = coordinator_client.run_config(config.coordinator, config.run)
+            coordinator_run = coordinator.run_config(config.run)
         except JoinError as err:  # with --join the mesh does not need the coordinator: train, report later
             logger.warning("%s; training without it for now", err)
     if task is None and coordinator_run is not None and coordinator_run.get("task") not in (None, "unknown"):
@@ -62,6 +64,7 @@ def run(config: PeerConfig) -> int:
     trainer = keeper = reporter = None
     exit_code = 0
     try:
+        logs.set_context(peer_id=str(dht.peer_id), run=config.run)
         logger.info("dht joined peer_id=%s addrs=%s", dht.peer_id, ",".join(visible_maddrs(dht)) or "-")
         record = join_or_create(dht, config.run, config.task, task, config)
         task = task or load_task(record.task)
@@ -86,8 +89,8 @@ def run(config: PeerConfig) -> int:
         if config.coordinator:
             addrs = visible_maddrs(dht)[:8]
             reporter = Reporter(
-                config.coordinator, str(dht.peer_id), lambda: _heartbeat(trainer, addrs),
-                on_run_ended=lambda status: stop.set(), interval=config.heartbeat_interval, token=config.api_token,
+                coordinator, str(dht.peer_id), lambda: _heartbeat(trainer, addrs),
+                on_run_ended=lambda status: stop.set(), interval=config.heartbeat_interval,
             )
             reporter.start()
         if config.metrics_port is not None:

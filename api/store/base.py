@@ -26,6 +26,16 @@ def stored(model: M) -> M:
     return model.model_copy(update={name: stored_time(v) for name, v in model if isinstance(v, datetime)})
 
 
+def spread(items: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``items``, evenly spaced by position, the first and the last always among them."""
+    if len(items) <= limit:
+        return list(items)
+    if limit == 1:
+        return [items[-1]]
+    step = (len(items) - 1) / (limit - 1)
+    return [items[round(i * step)] for i in range(limit)]
+
+
 def reported(beat: Heartbeat) -> dict:
     """The heartbeat's fields that the peer record keeps (``task`` is for the handler, not the peer)."""
     return beat.model_dump(include=set(Peer.model_fields))
@@ -90,9 +100,19 @@ class Store(abc.ABC):
     async def add_history(self, point: HistoryPoint) -> bool:
         """Insert one point per (run_id, epoch); False (no error) when that epoch is already recorded."""
 
-    @abc.abstractmethod
     async def list_history(self, run_id: str, limit: int) -> list[HistoryPoint]:
-        """Ascending by epoch, the last ``limit`` points."""
+        """At most ``limit`` points spread evenly over the whole run, ascending by epoch, its first and last epochs
+        included: what a chart of the run needs, however long the run (every point when it has no more)."""
+        epochs = await self.history_epochs(run_id)
+        return await self.history_at(run_id, spread(epochs, limit)) if epochs and limit > 0 else []
+
+    @abc.abstractmethod
+    async def history_epochs(self, run_id: str) -> list[int]:
+        """Every recorded epoch of the run, ascending."""
+
+    @abc.abstractmethod
+    async def history_at(self, run_id: str, epochs: list[int]) -> list[HistoryPoint]:
+        """The run's points at ``epochs``, ascending by epoch."""
 
     # peers
     @abc.abstractmethod

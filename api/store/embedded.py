@@ -201,14 +201,23 @@ class EmbeddedStore(Store):
 
         return await self._call(insert)
 
-    async def list_history(self, run_id: str, limit: int) -> list[HistoryPoint]:
-        limit = max(0, min(limit, MAX_LIMIT))
+    async def history_epochs(self, run_id: str) -> list[int]:
+        def select(conn: sqlite3.Connection) -> list[int]:
+            return [epoch for (epoch,) in conn.execute(
+                "SELECT epoch FROM run_history WHERE run_id = ? ORDER BY epoch", (run_id,)).fetchall()]
 
+        return await self._call(select)
+
+    async def history_at(self, run_id: str, epochs: list[int]) -> list[HistoryPoint]:
         def select(conn: sqlite3.Connection) -> list[HistoryPoint]:
-            rows = conn.execute(
-                "SELECT doc FROM run_history WHERE run_id = ? ORDER BY epoch DESC LIMIT ?", (run_id, limit)
-            ).fetchall()
-            return [HistoryPoint.model_validate_json(doc) for (doc,) in reversed(rows)]
+            docs = []
+            for start in range(0, len(epochs), 900):  # SQLite's bound parameters per statement: keep well under
+                chunk = epochs[start: start + 900]
+                docs += conn.execute(
+                    f"SELECT epoch, doc FROM run_history WHERE run_id = ? AND epoch IN ({','.join('?' * len(chunk))})",
+                    (run_id, *chunk),
+                ).fetchall()
+            return [HistoryPoint.model_validate_json(doc) for _epoch, doc in sorted(docs)]
 
         return await self._call(select)
 

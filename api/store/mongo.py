@@ -143,14 +143,18 @@ class MongoStore(Store):
             return False
         return True
 
-    async def list_history(self, run_id: str, limit: int) -> list[HistoryPoint]:
-        limit = max(0, min(limit, MAX_LIMIT))
-        if limit == 0:  # a Mongo limit of 0 means "no limit"
+    async def history_epochs(self, run_id: str) -> list[int]:
+        async with self._db() as db:
+            cursor = db.run_history.find({"run_id": run_id}, {"_id": 0, "epoch": 1}).sort("epoch", ASCENDING)
+            return [doc["epoch"] for doc in await cursor.to_list()]
+
+    async def history_at(self, run_id: str, epochs: list[int]) -> list[HistoryPoint]:
+        if not epochs:
             return []
         async with self._db() as db:
-            cursor = db.run_history.find({"run_id": run_id}, {"_id": 0}).sort("epoch", DESCENDING).limit(limit)
+            cursor = db.run_history.find({"run_id": run_id, "epoch": {"$in": list(epochs)}}, {"_id": 0}).sort("epoch", ASCENDING)
             docs = await cursor.to_list()
-        return [HistoryPoint.model_validate(doc) for doc in reversed(docs)]
+        return [HistoryPoint.model_validate(doc) for doc in docs]
 
     # peers
     async def heartbeat(self, peer_id: str, beat: Heartbeat, at: datetime, source: str = "heartbeat") -> tuple[Peer, bool]:

@@ -164,9 +164,23 @@ async def test_history_is_unique_per_epoch_ascending_and_keeps_the_last(store: S
     assert await store.add_history(points[1].model_copy(update={"loss": 99.0})) is False
 
     assert await store.list_history("r1", 10) == [points[e] for e in (0, 1, 2, 3)]
-    assert await store.list_history("r1", 2) == [points[2], points[3]]
+    # fewer points than recorded: spread over the whole run, the first and the last epoch kept
+    assert await store.list_history("r1", 2) == [points[0], points[3]]
+    assert await store.list_history("r1", 1) == [points[3]]
     assert await store.list_history("r2", 10) == [HistoryPoint(run_id="r2", epoch=1, time=t(9))]
     assert await store.list_history("r3", 10) == []
+
+
+async def test_a_long_runs_history_is_spread_over_the_whole_run_not_capped_at_its_end(store: Store) -> None:
+    """Issue 10: both stores clamped the history to the last 500 points, so the charts lost a long run's start."""
+    recorded = [e for e in range(0, 600) if e % 7 != 3]  # 514 epochs, with the gaps heartbeats leave (the cap was 500)
+    for e in recorded:
+        await store.add_history(HistoryPoint(run_id="long", epoch=e, loss=1.0 / (e + 1), time=t(0)))
+    assert [p.epoch for p in await store.list_history("long", 5000)] == recorded  # more than 500 when asked
+    sampled = [p.epoch for p in await store.list_history("long", 50)]
+    assert len(sampled) == 50 and sampled[0] == 0 and sampled[-1] == recorded[-1] and sampled == sorted(set(sampled))
+    gaps = [b - a for a, b in zip(sampled, sampled[1:])]
+    assert max(gaps) <= 2 * len(recorded) / 49 + 2  # evenly spread, not clumped at one end
 
 
 # peers

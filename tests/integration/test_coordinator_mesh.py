@@ -194,3 +194,36 @@ def test_training_goes_on_while_the_coordinator_is_down_and_the_dht_observer(
 
 def _id_of(ids: dict[str, str], name: str) -> str:
     return next(peer_id for peer_id, peer_name in ids.items() if peer_name == name)
+
+
+def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """Issue 10: with --protect-reads a peer's start-up reads (bootstrap, --run auto, the run's config) got 401."""
+    url_file, token = tmp_path / "api.url", "s3cret-token"
+    api_proc = mesh_procs(
+        "coordinator", "api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "coordinator.db"),
+        "--bootstrap", bootstrap, "--address-file", str(url_file), "--heartbeat-interval", str(INTERVAL),
+        "--api-token", token, "--protect-reads",
+    )
+    api_proc.wait_for(url_file.exists, 60, "its address")
+    coordinator = url_file.read_text().strip()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    body = {"run_id": "guarded", "task": "regression", "hyperparameters": {"target_batch_size": 512}}
+    request = urllib.request.Request(f"{coordinator}/api/v1/runs", data=json.dumps(body).encode(), method="POST", headers=auth)
+    assert json.load(urllib.request.urlopen(request, timeout=10))["status"] == "created"
+
+    common = ("--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL), "--max-epochs", "2")
+    refused = mesh_procs("nokey", *_no_join(peer_args("", "nokey", tmp_path, *common, run="auto", task=None)))
+    assert refused.proc.wait(60) == 3
+    errors = [line for line in refused.output().splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "HTTP 401" in errors[0] and "--api-token" in errors[0], refused.output()[-2000:]
+    assert "Traceback" not in refused.output()
+
+    peer = mesh_procs("a", *_no_join(peer_args("", "a", tmp_path, *common, "--api-token", token, run="auto", task=None)))
+    assert peer.proc.wait(180) == 0, peer.output()[-3000:]
+    assert "picked run run=guarded" in peer.output()
+    request = urllib.request.Request(f"{coordinator}/api/v1/runs/guarded", headers=auth)
+    run = json.load(urllib.request.urlopen(request, timeout=10))
+    assert run["progress"]["epoch"] >= 1  # its heartbeats carried the token too
+    status = subprocess.run([sys.executable, "-m", "mesh", "status", "--coordinator", coordinator, "--api-token", token],
+                            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert status.returncode == 0 and "guarded" in status.stdout, status.stderr
