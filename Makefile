@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps up test test-quick bench gpu-check clean
+.PHONY: install system-deps up lint test test-quick bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[test]'
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[test,lint]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,8 +34,14 @@ system-deps:
 up: install
 	$(VENV)/bin/mesh up
 
-# Everything, the container test included (what CI runs).
-test: install system-deps
+# Lint (ruff's checks and format, mypy on the coordinator and the torch-free part of mesh/), pinned in pyproject.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Lint, then everything, the container test included (what CI runs).
+test: lint system-deps
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 # The default suite: everything but the container test (image builds take minutes).

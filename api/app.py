@@ -115,7 +115,7 @@ def create_app(config: ApiConfig, store: Store | None = None, dht=None) -> web.A
         client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
-    app[STORE] = TimedStore(store or make_store(config))
+    app[STORE] = TimedStore(store or make_store(config))  # type: ignore[misc]  # a Store that times every call
     app[RUN_CACHE] = {}
     app[BOOTSTRAP_CACHE] = {}
     app[ADVANCE_LOCK] = asyncio.Lock()

@@ -19,7 +19,7 @@ def make_auth_middleware(token: str | None, protect_reads: bool):
         needs_token = expected is not None and request.path not in OPEN_PATHS and not page and (
             protect_reads or request.method not in READ_METHODS
         )
-        if needs_token:
+        if needs_token and expected is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time: the token does not leak through timing
                 raise web.HTTPUnauthorized(

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, get_args
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -27,10 +27,12 @@ from api.models import (
     HistoryList,
     HistoryPoint,
     PeerPage,
+    PeerStatus,
     Run,
     RunCreate,
     RunPage,
     RunProgress,
+    RunStatus,
     Summary,
     utcnow,
 )
@@ -40,9 +42,10 @@ from mesh.errors import JoinError
 
 logger = logging.getLogger(__name__)
 
-RUN_STATUSES = ("created", "running", "stopped", "finished", "failed")
-PEER_STATUSES = ("alive", "left", "lost")
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+PEER_STATUSES: tuple[PeerStatus, ...] = get_args(PeerStatus)
 M = TypeVar("M", bound=BaseModel)
+S = TypeVar("S", bound=str)
 
 
 def reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -67,11 +70,11 @@ def int_param(request: web.Request, name: str, default: int, low: int, high: int
     return value
 
 
-def choice_param(request: web.Request, name: str, choices: tuple[str, ...]) -> str | None:
+def choice_param(request: web.Request, name: str, choices: tuple[S, ...]) -> S | None:
     raw = request.query.get(name)
     if raw is not None and raw not in choices:
         raise InvalidParameter(name, f"must be one of {', '.join(choices)}, got {raw!r}")
-    return raw
+    return cast("S | None", raw)
 
 
 def path_id(request: web.Request, name: str, pattern: str) -> str:
@@ -117,7 +120,7 @@ async def run_counts(store: Store) -> dict[str, int]:
 async def summary(request: web.Request) -> web.Response:
     store = store_of(request)
     runs = await run_counts(store)
-    peers = dict.fromkeys(PEER_STATUSES, 0)
+    peers: dict[str, int] = dict.fromkeys(PEER_STATUSES, 0)
     for (_run, status), count in (await store.count_peers()).items():
         peers[status] = peers.get(status, 0) + count
     return reply(Summary(runs=runs, peers=peers, bootstrap=await bootstrap_addrs(request.app), version=__version__))

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 _live: set[asyncio.Future] = set()
 _installed = False
 
 
-def _keep(task: asyncio.Future) -> asyncio.Future:
+F = TypeVar("F", bound=asyncio.Future)
+
+
+def _keep(task: F) -> F:
     _live.add(task)
     task.add_done_callback(_live.discard)
     return task
@@ -40,6 +43,6 @@ def install() -> None:
     def ensure_future(obj: Any, **kwargs: Any) -> asyncio.Future:
         return _keep(original_ensure_future(obj, **kwargs))
 
-    asyncio.create_task = create_task
-    asyncio.ensure_future = ensure_future
+    asyncio.create_task = create_task  # the same signature, wrapped
+    asyncio.ensure_future = ensure_future  # type: ignore[assignment]
     _installed = True

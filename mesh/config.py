@@ -17,7 +17,10 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from mesh.errors import ConfigError
 
@@ -336,7 +339,7 @@ class StatusConfig(LogConfig):
             raise ConfigError(f"--coordinator must be an http:// or https:// URL, got {self.coordinator!r}")
 
 
-C = TypeVar("C")
+C = TypeVar("C", bound="DataclassInstance")
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -56,6 +56,6 @@ def resolve(entries: tuple[str, ...], timeout: float) -> list[str]:
         addrs.extend(fetched)
     if errors and not addrs:
         raise errors[0]
-    for err in errors:
-        logger.warning("%s; joining through the other addresses", err)
+    for error in errors:
+        logger.warning("%s; joining through the other addresses", error)
     return addrs

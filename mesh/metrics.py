@@ -102,6 +102,6 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
     for metric in (steps, samples, averaging_sent_bytes, averaging_received_bytes, nonfinite_skips, state_downloads,
                    data_plane_builds, data_plane_fallbacks):
         metric.labels(run)
-    for metric in (epoch, group_size, samples_per_second):
-        metric.labels(run).set(0)
+    for gauge in (epoch, group_size, samples_per_second):
+        gauge.labels(run).set(0)
     device_info.info({"device": device, "gpu": gpu or ""})
