@@ -16,8 +16,8 @@ def make_auth_middleware(token: str | None, protect_reads: bool):
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         page = request.path == "/" or request.path.startswith("/static/")  # the page itself holds no data
-        needs_token = expected is not None and request.path not in OPEN_PATHS and not page and (
-            protect_reads or request.method not in READ_METHODS
+        needs_token = (
+            expected is not None and request.path not in OPEN_PATHS and not page and (protect_reads or request.method not in READ_METHODS)
         )
         if needs_token and expected is not None:
             given = request.headers.get("Authorization", "").encode()

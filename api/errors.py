@@ -20,8 +20,7 @@ def error_response(status: int, code: str, message: str, details=None) -> web.Re
 
 def validation_details(err: ValidationError) -> list[dict]:
     return [
-        {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
-        for e in err.errors(include_url=False, include_input=False)
+        {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in err.errors(include_url=False, include_input=False)
     ]
 
 

@@ -95,9 +95,7 @@ def store_of(request: web.Request) -> Store:
 
 
 async def record_event(store: Store, kind: str, message: str, run_id: str | None = None, peer_id: str | None = None) -> None:
-    await store.add_event(
-        Event(event_id=uuid.uuid4().hex, run_id=run_id, peer_id=peer_id, kind=kind, message=message, time=utcnow())
-    )
+    await store.add_event(Event(event_id=uuid.uuid4().hex, run_id=run_id, peer_id=peer_id, kind=kind, message=message, time=utcnow()))
 
 
 # health

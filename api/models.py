@@ -35,8 +35,9 @@ class Hyperparameters(Strict):
     the peer that creates the run's DHT record does."""
 
     batch_size: int | None = Field(None, ge=1, le=1_000_000, description="Samples per local step (null: the task's default)")
-    target_batch_size: int | None = Field(None, ge=1, le=1_000_000_000,
-                                          description="Samples per epoch, over all peers (null: the task's default)")
+    target_batch_size: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Samples per epoch, over all peers (null: the task's default)"
+    )
     optimizer: Optimizer | None = Field(None, description="null: the task's default")
     lr: float | None = Field(None, gt=0, le=10, description="null: the task's default")
     averaging: Averaging = "gradients"

@@ -51,8 +51,14 @@ async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tu
         except NotFound:
             hyper = Hyperparameters(**{k: getattr(record, k) for k in Hyperparameters.model_fields})
             now = utcnow()
-            run = Run(run_id=record.run_id, task=record.task, hyperparameters=hyper, status="running",
-                      created_at=datetime.fromtimestamp(record.created_at, timezone.utc), updated_at=now)
+            run = Run(
+                run_id=record.run_id,
+                task=record.task,
+                hyperparameters=hyper,
+                status="running",
+                created_at=datetime.fromtimestamp(record.created_at, timezone.utc),
+                updated_at=now,
+            )
             try:
                 await store.create_run(run)
                 added += 1
@@ -60,8 +66,13 @@ async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tu
                 pass
     peers = await asyncio.to_thread(fetch_peers, dht)
     for peer_id, presence in peers.items():
-        beat = Heartbeat(run_id=presence.run_id, device=presence.device, epoch=presence.epoch,
-                         samples_per_second=presence.samples_per_second, loss=presence.loss)
+        beat = Heartbeat(
+            run_id=presence.run_id,
+            device=presence.device,
+            epoch=presence.epoch,
+            samples_per_second=presence.samples_per_second,
+            loss=presence.loss,
+        )
         if presence.run_id not in runs:
             try:
                 await store.get_run(presence.run_id)
@@ -89,8 +100,12 @@ def publish(dht: DHT, run: Run) -> bool:
     try:
         task = load_task(run.task)
     except Exception as err:
-        logger.warning("run %s not published to the DHT: task %s not loadable here (%s); peers with --coordinator "
-                       "still get its config", run.run_id, run.task, err)
+        logger.warning(
+            "run %s not published to the DHT: task %s not loadable here (%s); peers with --coordinator still get its config",
+            run.run_id,
+            run.task,
+            err,
+        )
         return False
     defaults = RunDefaults(**run.hyperparameters.model_dump())
     record = create_record(run.run_id, run.task, task, defaults)

@@ -68,32 +68,78 @@ OPERATIONS = (
     Operation("GET", "/summary", h.summary, "Runs by status, peers by status, bootstrap addresses", "mesh", Summary, errors=(503,)),
     Operation("GET", "/bootstrap", h.bootstrap, "Multiaddrs a new peer can join through", "mesh", Bootstrap),
     Operation(
-        "GET", "/runs", h.list_runs, "List runs, newest first", "runs", RunPage, errors=(422, 503),
+        "GET",
+        "/runs",
+        h.list_runs,
+        "List runs, newest first",
+        "runs",
+        RunPage,
+        errors=(422, 503),
         query=(Param("status", {"type": "string", "enum": list(h.RUN_STATUSES)}, "only runs in this status"), LIMIT, OFFSET),
     ),
     Operation("POST", "/runs", h.create_run, "Create a run", "runs", Run, 201, RunCreate, errors=(401, 409, 413, 422, 503)),
     Operation("GET", f"/runs/{_RUN}", h.get_run, "One run", "runs", Run, errors=(404, 422, 503)),
-    Operation("POST", f"/runs/{_RUN}/stop", h.stop_run, "Stop a run: its peers leave at their next heartbeat", "runs", Run,
-              errors=(401, 404, 409, 422, 503)),
     Operation(
-        "GET", f"/runs/{_RUN}/history", h.run_history, "Per-epoch loss and throughput, spread over the whole run", "runs",
-        HistoryList, errors=(404, 422, 503),
-        query=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 500},
-                     "at most N points, evenly spread from the first epoch to the last (every point when fewer)"),),
+        "POST",
+        f"/runs/{_RUN}/stop",
+        h.stop_run,
+        "Stop a run: its peers leave at their next heartbeat",
+        "runs",
+        Run,
+        errors=(401, 404, 409, 422, 503),
     ),
-    Operation("GET", f"/runs/{_RUN}/events", h.run_events, "What happened in a run, newest first", "runs", EventPage,
-              errors=(404, 422, 503), query=(LIMIT, OFFSET)),
     Operation(
-        "GET", "/peers", h.list_peers, "List peers", "peers", PeerPage, errors=(422, 503),
+        "GET",
+        f"/runs/{_RUN}/history",
+        h.run_history,
+        "Per-epoch loss and throughput, spread over the whole run",
+        "runs",
+        HistoryList,
+        errors=(404, 422, 503),
+        query=(
+            Param(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 10000, "default": 500},
+                "at most N points, evenly spread from the first epoch to the last (every point when fewer)",
+            ),
+        ),
+    ),
+    Operation(
+        "GET",
+        f"/runs/{_RUN}/events",
+        h.run_events,
+        "What happened in a run, newest first",
+        "runs",
+        EventPage,
+        errors=(404, 422, 503),
+        query=(LIMIT, OFFSET),
+    ),
+    Operation(
+        "GET",
+        "/peers",
+        h.list_peers,
+        "List peers",
+        "peers",
+        PeerPage,
+        errors=(422, 503),
         query=(
             Param("run_id", {"type": "string", "pattern": RUN_ID}, "only peers of this run"),
             Param("status", {"type": "string", "enum": list(h.PEER_STATUSES)}, "only peers in this status"),
-            LIMIT, OFFSET,
+            LIMIT,
+            OFFSET,
         ),
     ),
     Operation("GET", f"/peers/{_PEER}", h.get_peer, "One peer", "peers", Peer, errors=(404, 422, 503)),
-    Operation("PUT", f"/peers/{_PEER}/heartbeat", h.heartbeat, "Report a peer's progress (idempotent upsert)", "peers",
-              HeartbeatResponse, body=Heartbeat, errors=(401, 413, 422, 503)),
+    Operation(
+        "PUT",
+        f"/peers/{_PEER}/heartbeat",
+        h.heartbeat,
+        "Report a peer's progress (idempotent upsert)",
+        "peers",
+        HeartbeatResponse,
+        body=Heartbeat,
+        errors=(401, 413, 422, 503),
+    ),
     Operation("POST", f"/peers/{_PEER}/leave", h.leave, "A peer leaves gracefully", "peers", Peer, errors=(401, 404, 422, 503)),
 )
 
@@ -115,8 +161,12 @@ _PATH_PARAMS = {
     "peer_id": {"type": "string", "pattern": PEER_ID},
 }
 _ERROR_TEXT = {
-    401: "Missing or wrong bearer token", 404: "Unknown id", 409: "Conflicts with what is stored",
-    413: "Body too large", 422: "Invalid body or parameter", 503: "The store is unavailable",
+    401: "Missing or wrong bearer token",
+    404: "Unknown id",
+    409: "Conflicts with what is stored",
+    413: "Body too large",
+    422: "Invalid body or parameter",
+    503: "The store is unavailable",
 }
 
 
@@ -131,11 +181,11 @@ def openapi_document() -> dict[str, Any]:
         path = PREFIX + op.path
         parameters = [
             {"name": name, "in": "path", "required": True, "schema": schema}
-            for name, schema in _PATH_PARAMS.items() if "{" + name + "}" in path
+            for name, schema in _PATH_PARAMS.items()
+            if "{" + name + "}" in path
         ]
         parameters += [
-            {"name": p.name, "in": "query", "required": False, "schema": p.schema, "description": p.description}
-            for p in op.query
+            {"name": p.name, "in": "query", "required": False, "schema": p.schema, "description": p.description} for p in op.query
         ]
         responses: dict[str, Any] = {
             str(op.status): {
@@ -149,7 +199,10 @@ def openapi_document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
             }
         operation: dict[str, Any] = {
-            "operationId": op.handler.__name__, "summary": op.summary, "tags": [op.tag], "responses": responses,
+            "operationId": op.handler.__name__,
+            "summary": op.summary,
+            "tags": [op.tag],
+            "responses": responses,
         }
         if parameters:
             operation["parameters"] = parameters
@@ -163,8 +216,11 @@ def openapi_document() -> dict[str, Any]:
         paths.setdefault(path, {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": "mesh coordinator", "version": __version__,
-                 "description": "Runs and membership of a peer-to-peer training mesh."},
+        "info": {
+            "title": "mesh coordinator",
+            "version": __version__,
+            "description": "Runs and membership of a peer-to-peer training mesh.",
+        },
         "paths": paths,
         "components": {
             "schemas": schemas.get("$defs", {}),

@@ -28,9 +28,16 @@ def run(config: BootstrapConfig) -> int:
         for addr in addrs:
             print(f"  mesh peer --join {addr} --run RUN_ID --task TASK", flush=True)
         if config.metrics_port is not None:
-            httpserve.serve(config.host, config.metrics_port, lambda: {
-                "status": "ok", "peer_id": str(dht.peer_id), "addrs": addrs, "uptime_seconds": time.monotonic() - started,
-            })
+            httpserve.serve(
+                config.host,
+                config.metrics_port,
+                lambda: {
+                    "status": "ok",
+                    "peer_id": str(dht.peer_id),
+                    "addrs": addrs,
+                    "uptime_seconds": time.monotonic() - started,
+                },
+            )
         while not stop.wait(min(REFRESH_PERIOD, 1.0) if time.monotonic() - started < 5 else REFRESH_PERIOD):
             try:
                 metrics.dht_peers.set(routing_table_size(dht))

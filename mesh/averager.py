@@ -73,8 +73,9 @@ class MeshStateAverager(GroupSizeMixin, TrainingStateAverager):
 
 
 class MeshGradientAverager(GroupSizeMixin, GradientAverager):
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], *, run_id: str, compression_name: str,
-                 data_plane_host: str | None, **kwargs: Any) -> None:
+    def __init__(
+        self, parameters: Iterable[torch.nn.Parameter], *, run_id: str, compression_name: str, data_plane_host: str | None, **kwargs: Any
+    ) -> None:
         # compression_name (none, fp16, 8bit) picks the data plane's method; hivemind's ``compression`` codec is
         # the wire format on its own all-reduce and, for 8bit, on the data plane too
         self.run_id, self.compression_name, self.codec = run_id, compression_name, kwargs.get("compression")
@@ -117,11 +118,14 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
 
     def schedule_step(self, scheduled_time: float | None = None, **kwargs: Any) -> StepControl:
         endpoint = self.endpoint()
-        kwargs.setdefault("gather", {
-            "dp": endpoint.to_wire() if endpoint is not None else None,
-            "resync": bool(self.resync_wanted),
-            "live": int(self._wanted_group_size.value),
-        })
+        kwargs.setdefault(
+            "gather",
+            {
+                "dp": endpoint.to_wire() if endpoint is not None else None,
+                "resync": bool(self.resync_wanted),
+                "live": int(self._wanted_group_size.value),
+            },
+        )
         # no retry within a round: a collective that failed midway has left the buffer half-reduced, so the round
         # fails and hivemind steps with the local gradient (the accumulators are intact)
         kwargs.setdefault("allow_retries", self._store is None)
@@ -212,16 +216,19 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         members = self._members(group_info) if self.data_plane_host is not None else None
         if members is None:
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        gathered = {peer_id: self.serializer.loads(self.serializer.loads(blob)[2])
-                    for peer_id, blob in zip(group_info.peer_ids, group_info.gathered)}
+        gathered = {
+            peer_id: self.serializer.loads(self.serializer.loads(blob)[2])
+            for peer_id, blob in zip(group_info.peer_ids, group_info.gathered)
+        }
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane")  # collectives run in order
             self._groups = dataplane.GroupCache(self.data_plane_host, self._timeout)
         try:
             builds = self._groups.builds
-            group, _rank = await loop.run_in_executor(self._executor, self._groups.get, members, self.peer_id.to_bytes(),
-                                                      group_info.group_id)
+            group, _rank = await loop.run_in_executor(
+                self._executor, self._groups.get, members, self.peer_id.to_bytes(), group_info.group_id
+            )
             self._builds.value += self._groups.builds - builds
             self._last_group.value = self._groups.current
         except Exception as err:
@@ -237,8 +244,9 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         async with enter_asynchronously(self.get_tensors()) as tensors:
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._executor, dataplane.average_, group, tensors, kwargs["weight"],
-                                           self.compression_name, self.codec, self._flat)
+                await loop.run_in_executor(
+                    self._executor, dataplane.average_, group, tensors, kwargs["weight"], self.compression_name, self.codec, self._flat
+                )
             except Exception as err:
                 self._groups.drop()
                 self._last_group.value = 0  # the next group with this member builds a fresh process group

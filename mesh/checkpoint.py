@@ -63,6 +63,7 @@ def load(directory: Path) -> dict[str, Any] | None:
         try:
             os.replace(target, moved)
         except OSError as move_err:
-            raise ConfigError(f"checkpoint {target} cannot be read ({err}) nor moved aside ({move_err.strerror}); "
-                              "move it away to start fresh") from None
+            raise ConfigError(
+                f"checkpoint {target} cannot be read ({err}) nor moved aside ({move_err.strerror}); move it away to start fresh"
+            ) from None
         raise UnreadableCheckpoint(target, moved, str(err).splitlines()[0] if str(err) else type(err).__name__) from None

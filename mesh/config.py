@@ -39,9 +39,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def validate_run_id(run_id: str) -> str:
     if not RUN_ID_PATTERN.match(run_id):
-        raise ConfigError(
-            f"invalid run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+        raise ConfigError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return run_id
 
 

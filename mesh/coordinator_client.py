@@ -43,15 +43,17 @@ class Coordinator:
             raise JoinError(f"the coordinator at {url} answered HTTP {err.code}: {message}") from None
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise JoinError(f"cannot reach the coordinator at {self.base}: {reason}; "
-                            "check --coordinator, or join with --join ADDR") from None
+            raise JoinError(
+                f"cannot reach the coordinator at {self.base}: {reason}; check --coordinator, or join with --join ADDR"
+            ) from None
 
     def bootstrap_addrs(self) -> tuple[str, ...]:
         data = self.get("/bootstrap") or {}
         addrs = tuple(data.get("addrs") or ())
         if not addrs:
-            raise JoinError(f"the coordinator at {self.base} knows no bootstrap address "
-                            "(start it with --bootstrap ADDR), or pass --join ADDR")
+            raise JoinError(
+                f"the coordinator at {self.base} knows no bootstrap address (start it with --bootstrap ADDR), or pass --join ADDR"
+            )
         return addrs
 
     def run_config(self, run_id: str) -> dict[str, Any] | None:

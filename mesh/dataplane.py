@@ -74,8 +74,14 @@ class StoreHost:
         # TCPStore's own server listens on every interface; hand it a socket bound to the data-plane address
         listener = socket.create_server((host, 0), backlog=128)
         self.port = listener.getsockname()[1]
-        self.store = dist.TCPStore(host, self.port, is_master=True, wait_for_workers=False,
-                                   master_listen_fd=listener.detach(), timeout=datetime.timedelta(seconds=timeout))
+        self.store = dist.TCPStore(
+            host,
+            self.port,
+            is_master=True,
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),
+            timeout=datetime.timedelta(seconds=timeout),
+        )
 
     def close(self) -> None:
         """Stop the server (its thread) and free the port (the store owns the listening socket)."""
@@ -132,15 +138,21 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
     flat = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32).share_memory_()
     views, offset = [], 0
     for t in tensors:
-        view = flat[offset: offset + t.numel()].view(t.shape)
+        view = flat[offset : offset + t.numel()].view(t.shape)
         view.copy_(t.detach())
         views.append(view)
         offset += t.numel()
     return flat, views
 
 
-def average_(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], weight: float, compression: str,
-             codec: CompressionBase | None = None, flat: torch.Tensor | None = None) -> None:
+def average_(
+    group: dist.ProcessGroup,
+    tensors: Sequence[torch.Tensor],
+    weight: float,
+    compression: str,
+    codec: CompressionBase | None = None,
+    flat: torch.Tensor | None = None,
+) -> None:
     """Replace ``tensors`` in place by the weighted mean of every member's. ``flat``, when given, is the one
     contiguous buffer the tensors are views of (see :func:`flat_views`); otherwise a copy is made and copied back.
 
@@ -168,19 +180,16 @@ def average_(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], weight: 
     if flat is None:
         offset = 0
         for t in tensors:
-            t.copy_(buffer[offset: offset + t.numel()].view(t.shape))
+            t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
 
 
-def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], share: float,
-                   codec: CompressionBase | None) -> torch.Tensor:
+def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], share: float, codec: CompressionBase | None) -> torch.Tensor:
     assert codec is not None, "8bit needs hivemind's codec"
-    encoded = [codec.compress(t.detach().cpu(), CompressionInfo.from_tensor(t, key=i)).SerializeToString()
-               for i, t in enumerate(tensors)]
+    encoded = [codec.compress(t.detach().cpu(), CompressionInfo.from_tensor(t, key=i)).SerializeToString() for i, t in enumerate(tensors)]
     payload = b"".join(len(item).to_bytes(8, "little") + item for item in encoded)
     # every member's payload, and its share of the mean, travel together: [share (8 bytes) | length-prefixed parts]
-    message = torch.frombuffer(bytearray(torch.tensor([share], dtype=torch.float64).numpy().tobytes() + payload),
-                               dtype=torch.uint8)
+    message = torch.frombuffer(bytearray(torch.tensor([share], dtype=torch.float64).numpy().tobytes() + payload), dtype=torch.uint8)
     size = torch.tensor([message.numel()], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(group.size())]
     group.allgather([sizes], [size]).wait()
@@ -195,8 +204,8 @@ def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], sh
         member_share = float(torch.frombuffer(bytearray(data[:8]), dtype=torch.float64)[0])
         parts, offset = [], 8
         while offset < len(data):
-            n = int.from_bytes(data[offset: offset + 8], "little")
-            parts.append(deserialize_torch_tensor(runtime_pb2.Tensor.FromString(data[offset + 8: offset + 8 + n])))
+            n = int.from_bytes(data[offset : offset + 8], "little")
+            parts.append(deserialize_torch_tensor(runtime_pb2.Tensor.FromString(data[offset + 8 : offset + 8 + n])))
             offset += 8 + n
         contribution = torch.cat([p.reshape(-1).to(torch.float32) for p in parts]).mul_(member_share)
         mean = contribution if mean is None else mean.add_(contribution)

@@ -89,7 +89,10 @@ def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT
     require_join = bool(initial_peers) if require_join is None else require_join
     logger.info(
         "starting dht host=%s port=%d join=%s client_mode=%s",
-        config.host, config.port, ",".join(initial_peers) or "-", config.client_mode,
+        config.host,
+        config.port,
+        ",".join(initial_peers) or "-",
+        config.client_mode,
     )
     try:
         dht = DHT(

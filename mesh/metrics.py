@@ -21,8 +21,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 build_info = Info("mesh_build", "Version of the mesh and of its main dependencies, and the process's role")
 uptime = Gauge("mesh_process_uptime_seconds", "Seconds since this process started")
 dht_peers = Gauge("mesh_dht_peers", "DHT peers in this node's routing table")
-http_disconnects = Counter("mesh_http_client_disconnects_total",
-                           "Requests to /metrics or /healthz whose client hung up before the reply was sent")
+http_disconnects = Counter(
+    "mesh_http_client_disconnects_total", "Requests to /metrics or /healthz whose client hung up before the reply was sent"
+)
 
 # peer
 steps = Counter("mesh_peer_steps_total", "Local steps (batches) taken", ["run"])
@@ -31,7 +32,9 @@ epoch = Gauge("mesh_peer_epoch", "Global epoch this peer is on", ["run"])
 loss = Gauge("mesh_peer_loss", "Mean training loss over this peer's last epoch", ["run"])
 samples_per_second = Gauge("mesh_peer_global_samples_per_second", "Samples per second of the whole run, as seen here", ["run"])
 step_duration = Histogram(
-    "mesh_peer_step_duration_seconds", "One local step: forward, backward, hand-over to the optimizer", ["run"],
+    "mesh_peer_step_duration_seconds",
+    "One local step: forward, backward, hand-over to the optimizer",
+    ["run"],
     buckets=STEP_BUCKETS,
 )
 averaging_rounds = Counter(
@@ -39,26 +42,33 @@ averaging_rounds = Counter(
 )
 group_size = Gauge("mesh_peer_last_group_size", "Peers in the last averaging round (1 when alone)", ["run"])
 matchmaking_duration = Histogram(
-    "mesh_peer_matchmaking_duration_seconds", "From the start of a round's matchmaking until its group formed", ["run"],
+    "mesh_peer_matchmaking_duration_seconds",
+    "From the start of a round's matchmaking until its group formed",
+    ["run"],
     buckets=DURATION_BUCKETS,
 )
 allreduce_duration = Histogram(
-    "mesh_peer_allreduce_duration_seconds", "From a formed group's go to the averaged gradients", ["run"],
+    "mesh_peer_allreduce_duration_seconds",
+    "From a formed group's go to the averaged gradients",
+    ["run"],
     buckets=DURATION_BUCKETS,
 )
 averaging_sent_bytes = Counter(
     "mesh_peer_averaging_sent_bytes_total",
-    "Bytes this peer sent in gradient all-reduce (estimated from the tensors' wire size and the group size)", ["run"],
+    "Bytes this peer sent in gradient all-reduce (estimated from the tensors' wire size and the group size)",
+    ["run"],
 )
 averaging_received_bytes = Counter(
     "mesh_peer_averaging_received_bytes_total",
-    "Bytes this peer received in gradient all-reduce (estimated from the tensors' wire size and the group size)", ["run"],
+    "Bytes this peer received in gradient all-reduce (estimated from the tensors' wire size and the group size)",
+    ["run"],
 )
 data_plane_builds = Counter(
     "mesh_peer_data_plane_builds_total", "Process groups built for the data plane (one per new group membership)", ["run"]
 )
 data_plane_fallbacks = Counter(
-    "mesh_peer_data_plane_fallbacks_total", "Gradient rounds that fell back to hivemind's all-reduce: process group not built",
+    "mesh_peer_data_plane_fallbacks_total",
+    "Gradient rounds that fell back to hivemind's all-reduce: process group not built",
     ["run"],
 )
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
@@ -71,7 +81,9 @@ device_info = Info("mesh_peer_device", "The device this peer trains on")
 # coordinator
 api_requests = Counter("mesh_api_requests_total", "HTTP requests by method, route template and status", ["method", "route", "status"])
 api_request_duration = Histogram(
-    "mesh_api_request_duration_seconds", "HTTP request latency by method and route template", ["method", "route"],
+    "mesh_api_request_duration_seconds",
+    "HTTP request latency by method and route template",
+    ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
 api_store_duration = Histogram(
@@ -99,8 +111,16 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
     """Create every labelled series at zero, so dashboards and rate() see them from the first scrape."""
     for outcome in ("ok", "failed", "local_only"):
         averaging_rounds.labels(run, outcome)
-    for metric in (steps, samples, averaging_sent_bytes, averaging_received_bytes, nonfinite_skips, state_downloads,
-                   data_plane_builds, data_plane_fallbacks):
+    for metric in (
+        steps,
+        samples,
+        averaging_sent_bytes,
+        averaging_received_bytes,
+        nonfinite_skips,
+        state_downloads,
+        data_plane_builds,
+        data_plane_fallbacks,
+    ):
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):
         gauge.labels(run).set(0)

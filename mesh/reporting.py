@@ -77,8 +77,9 @@ class Reporter(threading.Thread):
             self.failures += 1
             backoff = min(self.max_backoff, self.interval * 2 ** min(self.failures, 6))
             if self.failures == 1 or self.failures % 10 == 0:
-                logger.warning("coordinator unreachable url=%s error=%s; training goes on, retry in %.0fs",
-                               self.coordinator.base, err, backoff)
+                logger.warning(
+                    "coordinator unreachable url=%s error=%s; training goes on, retry in %.0fs", self.coordinator.base, err, backoff
+                )
             return backoff
         if self.failures:
             logger.info("coordinator reachable again url=%s after_failures=%d", self.coordinator.base, self.failures)

@@ -44,15 +44,40 @@ def run(config: StatusConfig) -> int:
     print(f"coordinator {config.coordinator} (version {summary['version']})")
     print("bootstrap: " + (", ".join(summary["bootstrap"]) or "-"))
     print()
-    print(table(
-        ["RUN", "TASK", "STATUS", "EPOCH", "LOSS", "SAMPLES/S", "PEERS"],
-        [[r["run_id"], r["task"], r["status"], r["progress"]["epoch"], _num(r["progress"]["loss"]),
-          _num(r["progress"]["samples_per_second"], 1), r["progress"]["peers_alive"]] for r in runs],
-    ))
+    print(
+        table(
+            ["RUN", "TASK", "STATUS", "EPOCH", "LOSS", "SAMPLES/S", "PEERS"],
+            [
+                [
+                    r["run_id"],
+                    r["task"],
+                    r["status"],
+                    r["progress"]["epoch"],
+                    _num(r["progress"]["loss"]),
+                    _num(r["progress"]["samples_per_second"], 1),
+                    r["progress"]["peers_alive"],
+                ]
+                for r in runs
+            ],
+        )
+    )
     print()
-    print(table(
-        ["PEER", "RUN", "STATUS", "DEVICE", "EPOCH", "LOSS", "SAMPLES/S", "LAST SEEN"],
-        [[p["peer_id"][-12:], p["run_id"], p["status"], p.get("gpu_name") or p["device"], p["epoch"], _num(p["loss"]),
-          _num(p["samples_per_second"], 1), _ago(p["last_seen"])] for p in peers],
-    ))
+    print(
+        table(
+            ["PEER", "RUN", "STATUS", "DEVICE", "EPOCH", "LOSS", "SAMPLES/S", "LAST SEEN"],
+            [
+                [
+                    p["peer_id"][-12:],
+                    p["run_id"],
+                    p["status"],
+                    p.get("gpu_name") or p["device"],
+                    p["epoch"],
+                    _num(p["loss"]),
+                    _num(p["samples_per_second"], 1),
+                    _ago(p["last_seen"]),
+                ]
+                for p in peers
+            ],
+        )
+    )
     return 0

@@ -141,11 +141,19 @@ class MeshOptimizer(hivemind.Optimizer):
     def _make_state_averager(self, **kwargs: Any) -> MeshStateAverager:
         # hivemind.Optimizer._make_state_averager with the class swapped (tests/unit/test_hivemind_api.py pins it)
         return MeshStateAverager(
-            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
         )
 
     def step(self, *args: Any, **kwargs: Any):
@@ -244,7 +252,9 @@ class Trainer:
         self.batches = task.make_batches(record.batch_size, peer_seed)
         compression = make_compression(record.compression)
         gradient_averager = partial(
-            MeshGradientAverager, run_id=record.run_id, compression_name=record.compression,
+            MeshGradientAverager,
+            run_id=record.run_id,
+            compression_name=record.compression,
             data_plane_host=data_plane_host,
         )
         self.opt = MeshOptimizer(
@@ -277,7 +287,8 @@ class Trainer:
         try:
             if self.opt.grad_averager is not None:
                 self.opt.grad_averager.gradient_wire_bytes = wire_bytes(
-                    list(self.model.parameters()), record.compression, EIGHT_BIT_MIN_SIZE)
+                    list(self.model.parameters()), record.compression, EIGHT_BIT_MIN_SIZE
+                )
             self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
             metrics.init_peer(record.run_id, str(device), self.gpu_name)
             self.progress = Progress()
@@ -297,8 +308,10 @@ class Trainer:
         except checkpoint.UnreadableCheckpoint as err:
             others = [peer for peer in fetch_peers(self.opt.dht, self.record.run_id) if peer != self.peer_id]
             if not others:
-                raise RunError(f"{err}, and no live peer of run {self.record.run_id!r} has its state to take instead; "
-                               f"put a good checkpoint at {err.path}, or start again to begin from scratch") from None
+                raise RunError(
+                    f"{err}, and no live peer of run {self.record.run_id!r} has its state to take instead; "
+                    f"put a good checkpoint at {err.path}, or start again to begin from scratch"
+                ) from None
             logger.warning("%s; taking the state from the %d live peer(s) of run %s", err, len(others), self.record.run_id)
             return
         if state is None:
@@ -373,8 +386,10 @@ class Trainer:
         p.state_downloads = self.opt.state_downloads
         averager = self.opt.grad_averager
         if averager is not None:  # counted in the averager's process; brought to this process's metrics here
-            for name, value, counter in (("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
-                                         ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks)):
+            for name, value, counter in (
+                ("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
+                ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks),
+            ):
                 counter.labels(self.record.run_id).inc(value - getattr(p, name))
                 setattr(p, name, value)
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
@@ -389,16 +404,18 @@ class Trainer:
         self.state = extra.pop("state", getattr(self, "state", "starting"))
         if self.status_file is None:
             return
-        data = self.progress.snapshot(
-            run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), state=self.state, **extra
-        )
+        data = self.progress.snapshot(run_id=self.record.run_id, peer_id=self.peer_id, device=str(self.device), state=self.state, **extra)
         atomicfile.write(self.status_file, json.dumps(data))
 
     def presence(self) -> PeerPresence:
         p = self.progress
         return PeerPresence(
-            run_id=self.record.run_id, epoch=int(p.epoch), samples_per_second=float(p.global_samples_per_second),
-            loss=None if math.isnan(p.loss) else float(p.loss), device=str(self.device), time=time.time(),
+            run_id=self.record.run_id,
+            epoch=int(p.epoch),
+            samples_per_second=float(p.global_samples_per_second),
+            loss=None if math.isnan(p.loss) else float(p.loss),
+            device=str(self.device),
+            time=time.time(),
         )
 
     def wait_for_peers(self, count: int, timeout: float, stop: threading.Event) -> int:
@@ -464,10 +481,15 @@ class Trainer:
     def log_progress(self) -> None:
         p = self.progress
         logger.info(
-            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d rounds_ok=%d rounds_failed=%d "
-            "nonfinite_skips=%d",
-            p.epoch, p.loss, p.global_samples_per_second, p.last_group_size, p.local_steps,
-            self.opt.rounds.get("ok", 0), self.opt.rounds.get("failed", 0), p.nonfinite_skips,
+            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d rounds_ok=%d rounds_failed=%d nonfinite_skips=%d",
+            p.epoch,
+            p.loss,
+            p.global_samples_per_second,
+            p.last_group_size,
+            p.local_steps,
+            self.opt.rounds.get("ok", 0),
+            self.opt.rounds.get("failed", 0),
+            p.nonfinite_skips,
         )
 
     def shutdown(self) -> None:

@@ -81,25 +81,40 @@ def run(config: PeerConfig) -> int:
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,
             min_step_time=config.min_step_time,
-            data_plane_host=None if config.data_plane != "gloo" else data_plane_host(
-                config.data_plane_host, config.host, config.announce, dht),
+            data_plane_host=None
+            if config.data_plane != "gloo"
+            else data_plane_host(config.data_plane_host, config.host, config.announce, dht),
         )
         keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
         if config.coordinator:
             addrs = visible_maddrs(dht)[:8]
             reporter = Reporter(
-                coordinator, str(dht.peer_id), lambda: _heartbeat(trainer, addrs),
-                on_run_ended=lambda status: stop.set(), interval=config.heartbeat_interval,
+                coordinator,
+                str(dht.peer_id),
+                lambda: _heartbeat(trainer, addrs),
+                on_run_ended=lambda status: stop.set(),
+                interval=config.heartbeat_interval,
             )
             reporter.start()
         if config.metrics_port is not None:
-            httpserve.serve(config.host if config.host != "0.0.0.0" else "0.0.0.0", config.metrics_port, lambda: {
-                "status": "ok", "run_id": record.run_id, "epoch": trainer.opt.local_epoch,
-            })
+            httpserve.serve(
+                config.host if config.host != "0.0.0.0" else "0.0.0.0",
+                config.metrics_port,
+                lambda: {
+                    "status": "ok",
+                    "run_id": record.run_id,
+                    "epoch": trainer.opt.local_epoch,
+                },
+            )
         logger.info(
             "training run=%s task=%s device=%s batch_size=%d target_batch_size=%d compression=%s",
-            record.run_id, record.task, device, record.batch_size, record.target_batch_size, record.compression,
+            record.run_id,
+            record.task,
+            device,
+            record.batch_size,
+            record.target_batch_size,
+            record.compression,
         )
         if config.min_peers > 1:
             trainer.write_status(state="waiting")
@@ -130,8 +145,18 @@ def run(config: PeerConfig) -> int:
 
 def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
-    names = ("batch_size", "target_batch_size", "optimizer", "lr", "averaging", "compression", "matchmaking_time",
-             "averaging_timeout", "average_state_every", "seed")
+    names = (
+        "batch_size",
+        "target_batch_size",
+        "optimizer",
+        "lr",
+        "averaging",
+        "compression",
+        "matchmaking_time",
+        "averaging_timeout",
+        "average_state_every",
+        "seed",
+    )
     return {name: hyper[name] for name in names if hyper.get(name) is not None}  # None: the task's default
 
 
@@ -139,9 +164,14 @@ def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
     """The body of a heartbeat: a snapshot of the trainer's progress (read without locking: plain attributes)."""
     p = trainer.progress
     return {
-        "run_id": trainer.record.run_id, "task": trainer.record.task, "addrs": addrs,
-        "device": str(trainer.device), "gpu_name": trainer.gpu_name, "epoch": int(p.epoch),
-        "samples_per_second": float(p.global_samples_per_second), "loss": None if p.loss != p.loss else float(p.loss),
+        "run_id": trainer.record.run_id,
+        "task": trainer.record.task,
+        "addrs": addrs,
+        "device": str(trainer.device),
+        "gpu_name": trainer.gpu_name,
+        "epoch": int(p.epoch),
+        "samples_per_second": float(p.global_samples_per_second),
+        "loss": None if p.loss != p.loss else float(p.loss),
     }
 
 

@@ -34,12 +34,33 @@ def bootstrap(mesh_procs, tmp_path: Path) -> str:
 
 def peer_args(join: str, name: str, tmp_path: Path, *extra: str, run: str = "test", task: str | None = "regression") -> list[str]:
     args = [
-        "peer", "--join", join, "--run", run, "--host", "127.0.0.1", "--port", "0",
-        "--status-file", str(tmp_path / f"{name}.json"), "--checkpoint-dir", str(tmp_path / name),
-        "--matchmaking-time", "1", "--averaging-timeout", "10", "--log-every", "2", "--threads", "1",
+        "peer",
+        "--join",
+        join,
+        "--run",
+        run,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--status-file",
+        str(tmp_path / f"{name}.json"),
+        "--checkpoint-dir",
+        str(tmp_path / name),
+        "--matchmaking-time",
+        "1",
+        "--averaging-timeout",
+        "10",
+        "--log-every",
+        "2",
+        "--threads",
+        "1",
         # A real model's step takes tens of ms or more; the regression task's takes ~1 ms, which would let a peer
         # finish an epoch alone before hivemind's progress tracker (refreshing every >= 0.5 s) sees the others.
-        "--target-batch-size", "512", "--min-step-time", "0.1",
+        "--target-batch-size",
+        "512",
+        "--min-step-time",
+        "0.1",
     ]
     if task:
         args += ["--task", task]

@@ -50,8 +50,12 @@ class CheckFailed(Exception):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the same flow on --device cpu")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast in the peers and the plain loop (default: on with CUDA, off on CPU)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in the peers and the plain loop (default: on with CUDA, off on CPU)",
+    )
     parser.add_argument("--max-epochs", type=int, default=6)
     parser.add_argument("--target-batch-size", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for both peers to leave at --max-epochs")
@@ -185,12 +189,37 @@ def run_mesh(args, workdir: Path, devices: list[str], bf16: bool, cpu: bool, pro
     peers: list[MeshProcess] = []
     for i, (device, port) in enumerate(zip(devices, ports)):
         name = f"peer{i}"
-        peer = spawn(name, [
-            "peer", "--join", join, "--run", RUN, "--task", TASK, "--host", "127.0.0.1", "--metrics-port", str(port),
-            "--min-peers", "2", "--max-epochs", str(args.max_epochs), "--checkpoint-dir", str(workdir / name),
-            "--status-file", str(workdir / f"{name}.json"), "--target-batch-size", str(args.target_batch_size),
-            "--device", device, *(["--bf16"] if bf16 else []), *(["--threads", "1"] if cpu else []),
-        ], workdir)
+        peer = spawn(
+            name,
+            [
+                "peer",
+                "--join",
+                join,
+                "--run",
+                RUN,
+                "--task",
+                TASK,
+                "--host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(port),
+                "--min-peers",
+                "2",
+                "--max-epochs",
+                str(args.max_epochs),
+                "--checkpoint-dir",
+                str(workdir / name),
+                "--status-file",
+                str(workdir / f"{name}.json"),
+                "--target-batch-size",
+                str(args.target_batch_size),
+                "--device",
+                device,
+                *(["--bf16"] if bf16 else []),
+                *(["--threads", "1"] if cpu else []),
+            ],
+            workdir,
+        )
         procs.append(peer)
         peers.append(peer)
 
@@ -226,8 +255,13 @@ def check_results(peers: list[MeshProcess], devices: list[str], max_epochs: int,
         status = peer.status()
         ok_rounds = (status.get("rounds") or {}).get("ok", 0)
         report["peers"].setdefault(peer.name, {}).update(
-            device=status.get("device"), epoch=status.get("epoch"), rounds=status.get("rounds"), state=status.get("state"),
-            samples=status.get("samples"), local_steps=status.get("local_steps"))
+            device=status.get("device"),
+            epoch=status.get("epoch"),
+            rounds=status.get("rounds"),
+            state=status.get("state"),
+            samples=status.get("samples"),
+            local_steps=status.get("local_steps"),
+        )
         if not status:
             failures.append(f"{peer.name} wrote no status file")
             continue
@@ -280,12 +314,20 @@ def overhead(plain: float, batch_size: int, mesh: dict, report: dict) -> None:
             continue
         per_step = seen["step_duration_sum"] / seen["step_duration_count"]
         median, slow = median_bound(seen["buckets"]), slow_steps(seen["buckets"], SLOW_STEP)
-        entry.update(mesh_s_per_step=per_step, ratio_mesh_over_plain=per_step / plain, steps=seen["step_duration_count"],
-                     median_step_at_most_s=median, steps_over_slow_s=slow,
-                     global_samples_per_second=seen["global_samples_per_second"], last_scraped_epoch=seen["epoch"])
-        print(f"  {peer.name}: {per_step * 1e3:.2f} ms/step over {int(seen['step_duration_count'])} steps "
-              f"(mesh/plain {per_step / plain:.2f}; median <= {(median or math.nan) * 1e3:g} ms, {slow} step(s) over {SLOW_STEP:g} s), "
-              f"global {seen['global_samples_per_second']:.1f} samples/s at epoch {int(seen['epoch'])}")
+        entry.update(
+            mesh_s_per_step=per_step,
+            ratio_mesh_over_plain=per_step / plain,
+            steps=seen["step_duration_count"],
+            median_step_at_most_s=median,
+            steps_over_slow_s=slow,
+            global_samples_per_second=seen["global_samples_per_second"],
+            last_scraped_epoch=seen["epoch"],
+        )
+        print(
+            f"  {peer.name}: {per_step * 1e3:.2f} ms/step over {int(seen['step_duration_count'])} steps "
+            f"(mesh/plain {per_step / plain:.2f}; median <= {(median or math.nan) * 1e3:g} ms, {slow} step(s) over {SLOW_STEP:g} s), "
+            f"global {seen['global_samples_per_second']:.1f} samples/s at epoch {int(seen['epoch'])}"
+        )
         start = first_trained.get(peer.name)
         if start and seen["time"] > start["time"]:
             measured += (seen["samples_total"] - start["samples_total"]) / (seen["time"] - start["time"])
@@ -295,18 +337,24 @@ def overhead(plain: float, batch_size: int, mesh: dict, report: dict) -> None:
     if trained and epochs:
         target = report["target_batch_size"]
         report["samples_per_epoch"] = trained / epochs
-        print(f"  samples trained by both peers: {int(trained)} in {int(epochs)} epoch(s), {trained / epochs:.0f} per epoch "
-              f"(target batch {target})")
+        print(
+            f"  samples trained by both peers: {int(trained)} in {int(epochs)} epoch(s), {trained / epochs:.0f} per epoch "
+            f"(target batch {target})"
+        )
         if trained / epochs > 1.5 * target:
-            print(f"  note: each epoch took {trained / epochs / target:.1f}x the target batch: the peers' progress trackers "
-                  "did not count each other's samples (hivemind refreshes the swarm's progress on its own schedule)")
+            print(
+                f"  note: each epoch took {trained / epochs / target:.1f}x the target batch: the peers' progress trackers "
+                "did not count each other's samples (hivemind refreshes the swarm's progress on its own schedule)"
+            )
     gauges = [report["peers"][p.name].get("global_samples_per_second") for p in mesh["peers"]]
     gauges = [g for g in gauges if g]
     report["global_samples_per_second"] = sum(gauges) / len(gauges) if gauges else None
     report["measured_samples_per_second"] = measured or None
     if gauges:
-        print(f"  global samples/s: {report['global_samples_per_second']:.1f} (peers' gauge, mean), "
-              f"{measured:.1f} (sum of peers' samples_total rates after epoch 1); plain {batch_size / plain:.1f} x 2 peers")
+        print(
+            f"  global samples/s: {report['global_samples_per_second']:.1f} (peers' gauge, mean), "
+            f"{measured:.1f} (sum of peers' samples_total rates after epoch 1); plain {batch_size / plain:.1f} x 2 peers"
+        )
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
@@ -322,15 +370,22 @@ def main(argv: list[str] | None = None) -> int:
         devices = ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else ["cuda:0", "cuda:0"]
         bf16 = True if args.bf16 is None else args.bf16
         names = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices})
-        print(f"gpu-check: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s): "
-              f"{', '.join(names)}; peers on {' and '.join(devices)}, bf16={bf16}")
+        print(
+            f"gpu-check: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s): "
+            f"{', '.join(names)}; peers on {' and '.join(devices)}, bf16={bf16}"
+        )
     else:
         devices, bf16 = ["cpu", "cpu"], bool(args.bf16)
         torch.set_num_threads(1)  # like the peers' --threads 1
         print(f"gpu-check: no CUDA device, --allow-cpu: running on cpu (torch {torch.__version__}, bf16={bf16})")
 
-    report: dict = {"devices": devices, "bf16": bf16, "max_epochs": args.max_epochs, "target_batch_size": args.target_batch_size,
-                    "peers": {}}
+    report: dict = {
+        "devices": devices,
+        "bf16": bf16,
+        "max_epochs": args.max_epochs,
+        "target_batch_size": args.target_batch_size,
+        "peers": {},
+    }
     workdir = Path(tempfile.mkdtemp(prefix="mesh-gpu-check-"))
     procs: list[MeshProcess] = []
     failures: list[str] = []

@@ -82,7 +82,11 @@ def spawn(name: str, args: list[str], workdir: Path, env: dict | None = None) ->
     full_env = {k: v for k, v in full_env.items() if not (k.startswith("MESH_") and k not in (env or {}))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mesh", *args],
-        cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+        cwd=REPO,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=full_env,
         start_new_session=True,
     )
     handle.close()

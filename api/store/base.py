@@ -125,9 +125,7 @@ class Store(abc.ABC):
         """NotFound when missing."""
 
     @abc.abstractmethod
-    async def list_peers(
-        self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int
-    ) -> tuple[list[Peer], int]:
+    async def list_peers(self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int) -> tuple[list[Peer], int]:
         """Ordered by joined_at ascending, then peer_id."""
 
     @abc.abstractmethod

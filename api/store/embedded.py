@@ -27,7 +27,11 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ENDED = ("stopped", "finished", "failed")
 # Primary result codes that mean "the file cannot be used right now", not "the code is wrong".
 UNAVAILABLE_CODES = {
-    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
 }
 
 SCHEMA = """
@@ -203,8 +207,9 @@ class EmbeddedStore(Store):
 
     async def history_epochs(self, run_id: str) -> list[int]:
         def select(conn: sqlite3.Connection) -> list[int]:
-            return [epoch for (epoch,) in conn.execute(
-                "SELECT epoch FROM run_history WHERE run_id = ? ORDER BY epoch", (run_id,)).fetchall()]
+            return [
+                epoch for (epoch,) in conn.execute("SELECT epoch FROM run_history WHERE run_id = ? ORDER BY epoch", (run_id,)).fetchall()
+            ]
 
         return await self._call(select)
 
@@ -212,7 +217,7 @@ class EmbeddedStore(Store):
         def select(conn: sqlite3.Connection) -> list[HistoryPoint]:
             docs = []
             for start in range(0, len(epochs), 900):  # SQLite's bound parameters per statement: keep well under
-                chunk = epochs[start: start + 900]
+                chunk = epochs[start : start + 900]
                 docs += conn.execute(
                     f"SELECT epoch, doc FROM run_history WHERE run_id = ? AND epoch IN ({','.join('?' * len(chunk))})",
                     (run_id, *chunk),
@@ -230,8 +235,13 @@ class EmbeddedStore(Store):
             old = Peer.model_validate_json(row[0]) if row else None
             joined_at = old.joined_at if old is not None and old.status == "alive" else None
             peer = Peer(
-                peer_id=peer_id, **reported(beat), status="alive", source=source,
-                joined_at=joined_at or at, last_seen=at, left_at=None,
+                peer_id=peer_id,
+                **reported(beat),
+                status="alive",
+                source=source,
+                joined_at=joined_at or at,
+                last_seen=at,
+                left_at=None,
             )
             return save_peer(conn, peer), joined_at is None
 
@@ -240,9 +250,7 @@ class EmbeddedStore(Store):
     async def get_peer(self, peer_id: str) -> Peer:
         return await self._call(lambda conn: load_peer(conn, peer_id))
 
-    async def list_peers(
-        self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int
-    ) -> tuple[list[Peer], int]:
+    async def list_peers(self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int) -> tuple[list[Peer], int]:
         limit, offset = page(limit, offset)
         clauses = [(column, value) for column, value in (("run_id", run_id), ("status", status)) if value is not None]
         where = ("WHERE " + " AND ".join(f"{column} = ?" for column, _ in clauses)) if clauses else ""

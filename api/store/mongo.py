@@ -25,10 +25,16 @@ Doc = dict[str, Any]
 AFTER = ReturnDocument.AFTER
 ENDED = ["stopped", "finished", "failed"]
 INDEXES: dict[str, list[tuple[list[tuple[str, int]], bool]]] = {  # collection -> [(keys, unique)]
-    "runs": [([("run_id", ASCENDING)], True), ([("status", ASCENDING), ("created_at", DESCENDING)], False),
-             ([("created_at", DESCENDING)], False)],
-    "peers": [([("peer_id", ASCENDING)], True), ([("run_id", ASCENDING), ("status", ASCENDING)], False),
-              ([("status", ASCENDING), ("last_seen", ASCENDING)], False)],
+    "runs": [
+        ([("run_id", ASCENDING)], True),
+        ([("status", ASCENDING), ("created_at", DESCENDING)], False),
+        ([("created_at", DESCENDING)], False),
+    ],
+    "peers": [
+        ([("peer_id", ASCENDING)], True),
+        ([("run_id", ASCENDING), ("status", ASCENDING)], False),
+        ([("status", ASCENDING), ("last_seen", ASCENDING)], False),
+    ],
     "events": [([("run_id", ASCENDING), ("time", DESCENDING)], False), ([("time", DESCENDING)], False)],
     "run_history": [([("run_id", ASCENDING), ("epoch", ASCENDING)], True)],
 }
@@ -68,8 +74,12 @@ class MongoStore(Store):
         if self._client is None:
             try:
                 self._client = AsyncMongoClient(
-                    self.url, tz_aware=True, tzinfo=timezone.utc, serverSelectionTimeoutMS=self.timeout_ms,
-                    connectTimeoutMS=self.timeout_ms, socketTimeoutMS=self.timeout_ms,
+                    self.url,
+                    tz_aware=True,
+                    tzinfo=timezone.utc,
+                    serverSelectionTimeoutMS=self.timeout_ms,
+                    connectTimeoutMS=self.timeout_ms,
+                    socketTimeoutMS=self.timeout_ms,
                 )
             except (ConfigurationError, ValueError) as exc:  # a malformed URL or option, a DNS name that does not resolve
                 raise ConfigError(f"--mongo-url is not usable: {exc}") from None
@@ -114,9 +124,7 @@ class MongoStore(Store):
         at = stored_time(at)
         update: Doc = {"status": status, "updated_at": at} | ({"stopped_at": at} if status in ENDED else {})
         async with self._db() as db:
-            doc = await db.runs.find_one_and_update(
-                {"_id": run_id, "status": {"$nin": ENDED}}, {"$set": update}, return_document=AFTER
-            )
+            doc = await db.runs.find_one_and_update({"_id": run_id, "status": {"$nin": ENDED}}, {"$set": update}, return_document=AFTER)
             if doc is not None:
                 return as_run(doc, run_id)
             run = as_run(await db.runs.find_one({"_id": run_id}), run_id)
@@ -163,9 +171,7 @@ class MongoStore(Store):
         seen = {key: value for key, value in fresh.items() if key not in ("joined_at", "left_at")}
         async with self._db() as db:
             for _ in range(3):
-                doc = await db.peers.find_one_and_update(
-                    {"_id": peer_id, "status": "alive"}, {"$set": seen}, return_document=AFTER
-                )
+                doc = await db.peers.find_one_and_update({"_id": peer_id, "status": "alive"}, {"$set": seen}, return_document=AFTER)
                 if doc is not None:
                     return as_peer(doc, peer_id), False
                 try:
@@ -181,9 +187,7 @@ class MongoStore(Store):
         async with self._db() as db:
             return as_peer(await db.peers.find_one({"_id": peer_id}), peer_id)
 
-    async def list_peers(
-        self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int
-    ) -> tuple[list[Peer], int]:
+    async def list_peers(self, run_id: str | None, status: PeerStatus | None, limit: int, offset: int) -> tuple[list[Peer], int]:
         query = {key: value for key, value in (("run_id", run_id), ("status", status)) if value is not None}
         async with self._db() as db:
             docs, total = await find_page(db.peers, query, PEER_ORDER, limit, offset)

@@ -70,8 +70,7 @@ def corpus() -> torch.Tensor:
         data = b"".join(path.read_bytes() for path in corpus_files(root))
         if len(data) < 10 * BLOCK_SIZE:
             raise ConfigError(
-                f"the demo task reads the standard library's .py files, but {root} has almost none "
-                f"({len(data)} bytes); use another --task"
+                f"the demo task reads the standard library's .py files, but {root} has almost none ({len(data)} bytes); use another --task"
             )
         _corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return _corpus
@@ -182,8 +181,7 @@ def charlm_task() -> Task:
         make_batches=make_batches,
         loss=loss,
         description=(
-            f"byte-level transformer LM ({N_LAYER} layers, {N_EMBD} wide, context {BLOCK_SIZE}) "
-            "on the Python standard library's source"
+            f"byte-level transformer LM ({N_LAYER} layers, {N_EMBD} wide, context {BLOCK_SIZE}) on the Python standard library's source"
         ),
         # 1024 samples an epoch: each epoch pays ~2 matchmaking waits (gradients, then parameters), so a small
         # epoch spends most of its time waiting. `mesh up` (2 CPU peers) measured ~73 samples/s at 512.

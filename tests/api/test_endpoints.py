@@ -72,8 +72,16 @@ async def create(client: TestClient, run_id: str = "r1", **extra) -> dict:
 
 
 def beat(run_id: str = "r1", epoch: int = 0, loss: float | None = None) -> dict:
-    return {"run_id": run_id, "addrs": [BOOT], "host": "box", "device": "cpu", "version": "0.1.0", "epoch": epoch,
-            "samples_per_second": 10.0, "loss": loss}
+    return {
+        "run_id": run_id,
+        "addrs": [BOOT],
+        "host": "box",
+        "device": "cpu",
+        "version": "0.1.0",
+        "epoch": epoch,
+        "samples_per_second": 10.0,
+        "loss": loss,
+    }
 
 
 async def test_health_ready_summary_bootstrap(client: TestClient) -> None:
@@ -292,8 +300,11 @@ async def test_unset_hyperparameters_are_the_tasks_defaults_as_for_mesh_peer(cli
     expected = create_record("r1", "regression", load_task("regression"), RunDefaults())
     hyper = (await create(client))["hyperparameters"]
     assert {k: hyper[k] for k in ("optimizer", "lr", "batch_size", "target_batch_size")} == {
-        "optimizer": expected.optimizer, "lr": expected.lr, "batch_size": expected.batch_size,
-        "target_batch_size": expected.target_batch_size}
+        "optimizer": expected.optimizer,
+        "lr": expected.lr,
+        "batch_size": expected.batch_size,
+        "target_batch_size": expected.target_batch_size,
+    }
     assert hyper["optimizer"] == "sgd" and hyper["target_batch_size"] == 64  # not the API's old adamw / 1024
     given = (await create(client, "r2", hyperparameters={"lr": 0.05}))["hyperparameters"]
     assert given["lr"] == 0.05 and given["optimizer"] == "sgd"  # what is given wins, the rest is the task's

@@ -205,8 +205,13 @@ def _run_hivemind(rank: int, world: int, sizes: list[int], repeats: int, shared,
         for elements in sizes:
             tensor, probe = _vector(elements, rank)
             averager = hivemind.averaging.DecentralizedAverager(
-                [tensor], dht=dht, prefix=f"allreduce_bench_{world}_{elements}", target_group_size=world,
-                min_matchmaking_time=matchmaking, request_timeout=1.0, start=True,
+                [tensor],
+                dht=dht,
+                prefix=f"allreduce_bench_{world}_{elements}",
+                target_group_size=world,
+                min_matchmaking_time=matchmaking,
+                request_timeout=1.0,
+                start=True,
             )
             del tensor
 
@@ -227,8 +232,9 @@ def _run_hivemind(rank: int, world: int, sizes: list[int], repeats: int, shared,
                 gathered = control.result(BARRIER_TIMEOUT)
                 seconds = time.perf_counter() - started
                 if gathered is None or len(gathered) != world:
-                    raise RuntimeError(f"averaged in a group of {0 if gathered is None else len(gathered)}, not {world}:"
-                                       " raise --matchmaking-time")
+                    raise RuntimeError(
+                        f"averaged in a group of {0 if gathered is None else len(gathered)}, not {world}: raise --matchmaking-time"
+                    )
                 return seconds
 
             one_step()  # warm-up
@@ -311,8 +317,12 @@ def run_method(method: str, world: int, sizes: list[int], repeats: int, options:
     limit = _deadline(method, world, sizes, repeats, options["matchmaking_time"])
     try:
         shared = manager.dict()
-        procs = [ctx.Process(target=_member, args=(method, rank, world, sizes, repeats, shared, barrier, results, options),
-                             name=f"{method}-{rank}") for rank in range(world)]
+        procs = [
+            ctx.Process(
+                target=_member, args=(method, rank, world, sizes, repeats, shared, barrier, results, options), name=f"{method}-{rank}"
+            )
+            for rank in range(world)
+        ]
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + limit
@@ -340,8 +350,12 @@ def run_method(method: str, world: int, sizes: list[int], repeats: int, options:
         per_member = [collected[rank][elements] for rank in range(world)]
         times = [max(member["times_s"][i] for member in per_member) for i in range(repeats)]
         median = statistics.median(times)
-        out[elements] = {"median_s": median, "busbw_gbps": busbw(elements, world, median), "times_s": times,
-                         "check_error": max(member["check_error"] for member in per_member)}
+        out[elements] = {
+            "median_s": median,
+            "busbw_gbps": busbw(elements, world, median),
+            "times_s": times,
+            "check_error": max(member["check_error"] for member in per_member),
+        }
         if "build_s" in per_member[0]:
             out[elements]["build_s"] = max(member["build_s"] for member in per_member)
         for key, name in (("paired_gloo_s", "gloo_paired"), ("paired_gloo_mean_s", "gloo_mean_paired")):
@@ -418,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = err.strip().splitlines() or [""]
         print(f"  {name} failed: {lines[0]}" + (f" ... {lines[-1].strip()}" if len(lines) > 1 else ""))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows, "errors": errors},
-                                        indent=2))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows, "errors": errors}, indent=2))
     return 1 if errors else 0
 
 

@@ -71,8 +71,15 @@ def spawn(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -102,13 +109,41 @@ def can_connect(port: int) -> bool:
 def coordinator(store: str, workdir: Path, interval: float, mongo_url: str | None) -> Iterator[str]:
     """Start the coordinator (and SecantusDB for mongo without --mongo-url); yield its URL; stop all of it."""
     with contextlib.ExitStack() as stack:
-        args = ["-m", "mesh", "api", "--host", "127.0.0.1", "--port", "0", "--heartbeat-interval", str(interval),
-                "--address-file", str(workdir / "address"), "--db-path", str(workdir / "coordinator.db")]
+        args = [
+            "-m",
+            "mesh",
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--heartbeat-interval",
+            str(interval),
+            "--address-file",
+            str(workdir / "address"),
+            "--db-path",
+            str(workdir / "coordinator.db"),
+        ]
         if store == "mongo":
             if mongo_url is None:
                 port, log = free_port(), workdir / "secantus.log"
-                db = spawn(["-m", "secantus", "--host", "127.0.0.1", "--port", str(port), "--standalone",
-                            "--storage-path", str(workdir / "secantus"), "--log-level", "WARNING"], log, workdir)
+                db = spawn(
+                    [
+                        "-m",
+                        "secantus",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--standalone",
+                        "--storage-path",
+                        str(workdir / "secantus"),
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    log,
+                    workdir,
+                )
                 stack.callback(stop, db)
                 wait_until(lambda: can_connect(port), db, log, "SecantusDB")
                 mongo_url = f"mongodb://127.0.0.1:{port}/"
@@ -199,22 +234,35 @@ def summarize(store: str, peers: int, interval: float, raw: dict[str, Any]) -> d
     throughput = ok / raw["elapsed"]
     p99 = percentile(ms, 99)
     return {
-        "store": store, "peers": peers, "interval": interval, "sent": sent, "ok": ok, "errors": sent - ok,
-        "throughput": round(throughput, 1), "target": round(target, 1), "elapsed_s": round(raw["elapsed"], 2),
-        "p50_ms": round(percentile(ms, 50), 1), "p99_ms": round(p99, 1), "max_ms": round(ms[-1] if ms else 0.0, 1),
-        "schedule_lag_p50_ms": round(percentile(lag_ms, 50), 1), "schedule_lag_p99_ms": round(percentile(lag_ms, 99), 1),
-        "throughput_ratio": round(throughput / target, 3), "p99_ratio": round(p99 / P99_TARGET_MS, 3),
+        "store": store,
+        "peers": peers,
+        "interval": interval,
+        "sent": sent,
+        "ok": ok,
+        "errors": sent - ok,
+        "throughput": round(throughput, 1),
+        "target": round(target, 1),
+        "elapsed_s": round(raw["elapsed"], 2),
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p99_ms": round(p99, 1),
+        "max_ms": round(ms[-1] if ms else 0.0, 1),
+        "schedule_lag_p50_ms": round(percentile(lag_ms, 50), 1),
+        "schedule_lag_p99_ms": round(percentile(lag_ms, 99), 1),
+        "throughput_ratio": round(throughput / target, 3),
+        "p99_ratio": round(p99 / P99_TARGET_MS, 3),
         "statuses": dict(statuses),
     }
 
 
 def line(r: dict[str, Any]) -> str:
     errors = {k: v for k, v in r["statuses"].items() if not k.startswith("2")}
-    return (f"store={r['store']} peers={r['peers']} interval={r['interval']}s sent={r['sent']} ok={r['ok']} "
-            f"errors={r['errors']} throughput={r['throughput']:.1f}/s (target {r['target']:g}/s) p50={r['p50_ms']:.1f}ms "
-            f"p99={r['p99_ms']:.1f}ms max={r['max_ms']:.1f}ms schedule_lag_p99={r['schedule_lag_p99_ms']:.1f}ms\n"
-            f"  ratio: throughput/target={r['throughput_ratio']:.2f} p99/{P99_TARGET_MS:g}ms={r['p99_ratio']:.2f}"
-            + (f" error kinds={errors}" if errors else ""))
+    return (
+        f"store={r['store']} peers={r['peers']} interval={r['interval']}s sent={r['sent']} ok={r['ok']} "
+        f"errors={r['errors']} throughput={r['throughput']:.1f}/s (target {r['target']:g}/s) p50={r['p50_ms']:.1f}ms "
+        f"p99={r['p99_ms']:.1f}ms max={r['max_ms']:.1f}ms schedule_lag_p99={r['schedule_lag_p99_ms']:.1f}ms\n"
+        f"  ratio: throughput/target={r['throughput_ratio']:.2f} p99/{P99_TARGET_MS:g}ms={r['p99_ratio']:.2f}"
+        + (f" error kinds={errors}" if errors else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,10 @@ WIDTH, HIDDEN = 1024, 4096
 
 def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(WIDTH, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(),
+        torch.nn.Linear(WIDTH, HIDDEN),
+        torch.nn.GELU(),
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.GELU(),
         torch.nn.Linear(HIDDEN, WIDTH),
     )
 
@@ -40,7 +43,10 @@ def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> to
 
 def mlp25m() -> Task:
     return Task(
-        name="mlp25m", make_model=make_model, make_batches=make_batches, loss=loss,
+        name="mlp25m",
+        make_model=make_model,
+        make_batches=make_batches,
+        loss=loss,
         description="25M-parameter MLP regressing a linear teacher (benchmark)",
         defaults={"optimizer": "adamw", "lr": 1e-4, "batch_size": 16, "target_batch_size": 512},
     )

@@ -148,9 +148,25 @@ class Mesh:
         self.ports = [free_port() for _ in range(peers)]
         self.peers = [
             self._start(
-                f"peer{i}", "peer", "--join", join, "--run", "bench", "--task", case["task"], "--host", "127.0.0.1",
-                "--threads", str(args.threads), "--metrics-port", str(port), "--min-peers", str(peers),
-                "--target-batch-size", str(case["target"]), *extra,
+                f"peer{i}",
+                "peer",
+                "--join",
+                join,
+                "--run",
+                "bench",
+                "--task",
+                case["task"],
+                "--host",
+                "127.0.0.1",
+                "--threads",
+                str(args.threads),
+                "--metrics-port",
+                str(port),
+                "--min-peers",
+                str(peers),
+                "--target-batch-size",
+                str(case["target"]),
+                *extra,
                 *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
             )
             for i, port in enumerate(self.ports)
@@ -159,8 +175,9 @@ class Mesh:
     def _start(self, name: str, *cli: str) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "mesh", *cli], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", *cli], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         self.procs.append(proc)
         return proc
 
@@ -250,9 +267,13 @@ def run_straggler(args) -> dict[str, float]:
         after_timeout = rate(max(1.0, args.stop_seconds - (time.monotonic() - stopped_at)))
         during = (epoch() - start) / (time.monotonic() - stopped_at)
         os.killpg(mesh.peers[2].pid, signal.SIGCONT)
-        return {"healthy_epochs_per_s": healthy, "stopped_epochs_per_s": during, "after_timeout_epochs_per_s": after_timeout,
-                "during/healthy": during / healthy if healthy else float("nan"),
-                "after_timeout/healthy": after_timeout / healthy if healthy else float("nan")}
+        return {
+            "healthy_epochs_per_s": healthy,
+            "stopped_epochs_per_s": during,
+            "after_timeout_epochs_per_s": after_timeout,
+            "during/healthy": during / healthy if healthy else float("nan"),
+            "after_timeout/healthy": after_timeout / healthy if healthy else float("nan"),
+        }
     finally:
         mesh.close()
 
@@ -289,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             "ddp_step": run_ddp(case, args, seconds_per_batch, equal_batch=False),
         }
         results["mesh"], cpu = run_mesh(case, args)
-        ratios = {"mesh/ddp_eq": results["mesh"] / results["ddp_eq"], "mesh/plain": results["mesh"] / results["plain"],
-                  "ddp_eq/plain": results["ddp_eq"] / results["plain"], "mesh/ddp_step": results["mesh"] / results["ddp_step"]}
+        ratios = {
+            "mesh/ddp_eq": results["mesh"] / results["ddp_eq"],
+            "mesh/plain": results["mesh"] / results["plain"],
+            "ddp_eq/plain": results["ddp_eq"] / results["plain"],
+            "mesh/ddp_step": results["mesh"] / results["ddp_step"],
+        }
         report["cases"][case["name"]] = {"samples_per_second": results, "ratios": ratios, "mesh_cpu_share": cpu}
         print(f"{case['name']}: threads={args.threads} seconds={args.seconds:g} (2 processes each but plain)", flush=True)
         print("  " + " ".join(f"{k}={v:.1f}" for k, v in results.items()) + " samples/s")
@@ -299,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.straggler:
         straggler = run_straggler(args)
         report["straggler"] = straggler
-        print(f"straggler: 3 peers, demo@{args.straggler_target}, one SIGSTOPped {args.stop_seconds:g}s, "
-              f"averaging timeout {args.averaging_timeout:g}s")
+        print(
+            f"straggler: 3 peers, demo@{args.straggler_target}, one SIGSTOPped {args.stop_seconds:g}s, "
+            f"averaging timeout {args.averaging_timeout:g}s"
+        )
         print("  " + " ".join(f"{k}={v:.3f}" for k, v in straggler.items()) + "  (target after_timeout/healthy >= 0.7)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

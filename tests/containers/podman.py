@@ -84,7 +84,9 @@ def ensure_base_image() -> str:
     try:
         subprocess.run(
             ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", str(root), debian_mirror()],
-            check=True, capture_output=True, timeout=900,
+            check=True,
+            capture_output=True,
+            timeout=900,
         )
         tar = subprocess.run(["tar", "-C", str(root), "-c", "."], check=True, capture_output=True, timeout=300)
         message = "mesh test base: debootstrap bookworm minbase + python3"
@@ -120,9 +122,23 @@ def pip_build_options() -> list[str]:
 
 def build(target: str, tag: str) -> None:
     podman(
-        "build", "--layers=false", "--format", "docker", "--network", "host", "--file", str(REPO / "docker" / "Dockerfile"),
-        "--target", target, "--tag", tag, "--build-arg", f"BASE_IMAGE={ensure_base_image()}",
-        *pip_build_options(), str(REPO), timeout=1200,
+        "build",
+        "--layers=false",
+        "--format",
+        "docker",
+        "--network",
+        "host",
+        "--file",
+        str(REPO / "docker" / "Dockerfile"),
+        "--target",
+        target,
+        "--tag",
+        tag,
+        "--build-arg",
+        f"BASE_IMAGE={ensure_base_image()}",
+        *pip_build_options(),
+        str(REPO),
+        timeout=1200,
     )
 
 

@@ -86,7 +86,14 @@ def test_images_lint_clean_metadata(images):
     no_torch = pm.podman("run", "--rm", "--network", "none", images["coordinator"], "--help", check=False)
     assert no_torch.returncode == 0, no_torch.stderr
     probe = pm.podman(
-        "run", "--rm", "--network", "none", "--entrypoint", "python", images["coordinator"], "-c",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "python",
+        images["coordinator"],
+        "-c",
         "import importlib.util as u; print(u.find_spec('torch') is None and u.find_spec('hivemind') is None)",
     )
     assert probe.stdout.decode().strip() == "True"
@@ -118,8 +125,14 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
 
     def start_bootstrap(tag: str) -> str:
         return run(
-            tag, images["mesh"], {"MESH_PORT": str(bootstrap_port), "MESH_METRICS_PORT": str(bootstrap_metrics)},
-            "bootstrap", "--identity", "/data/identity.key", "--announce", f"/dns4/localhost/tcp/{bootstrap_port}",
+            tag,
+            images["mesh"],
+            {"MESH_PORT": str(bootstrap_port), "MESH_METRICS_PORT": str(bootstrap_metrics)},
+            "bootstrap",
+            "--identity",
+            "/data/identity.key",
+            "--announce",
+            f"/dns4/localhost/tcp/{bootstrap_port}",
             volumes=(f"{volume}:/data",),
         )
 
@@ -134,9 +147,26 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
     wait_until(lambda: _try_json(f"{api}/health").get("status") == "ok", timeout=60, what="the coordinator")
 
     training = [
-        "--run", "containers", "--task", "regression", "--min-peers", "2", "--matchmaking-time", str(MATCHMAKING_TIME),
-        "--averaging-timeout", str(AVERAGING_TIMEOUT), "--target-batch-size", "512", "--min-step-time", "0.1", "--threads", "1",
-        "--coordinator", f"http://127.0.0.1:{api_port}", "--heartbeat-interval", "1",
+        "--run",
+        "containers",
+        "--task",
+        "regression",
+        "--min-peers",
+        "2",
+        "--matchmaking-time",
+        str(MATCHMAKING_TIME),
+        "--averaging-timeout",
+        str(AVERAGING_TIMEOUT),
+        "--target-batch-size",
+        "512",
+        "--min-step-time",
+        "0.1",
+        "--threads",
+        "1",
+        "--coordinator",
+        f"http://127.0.0.1:{api_port}",
+        "--heartbeat-interval",
+        "1",
     ]
     peer_env = [{"MESH_METRICS_PORT": str(port), "MESH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)} for port in peer_metrics]
     # One peer joins through the bootstrap's health URL, the other asks the coordinator how to join.
@@ -186,7 +216,8 @@ def test_bootstrap_coordinator_and_two_peer_containers_train(images, containers,
     assert saved is not None and saved["epoch"] >= 2
     wait_until(
         lambda: sorted(p["status"] for p in get_json(f"{api}/peers?run_id=containers")["items"]) == ["alive", "left"],
-        timeout=30, what="the coordinator to record one peer left and one alive",
+        timeout=30,
+        what="the coordinator to record one peer left and one alive",
     )
 
     # The bootstrap's identity lives on its volume: a new container there has the same peer id (and multiaddr).

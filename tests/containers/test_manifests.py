@@ -129,8 +129,13 @@ def _workloads(docs: list[dict]) -> dict[str, dict]:
 def test_kubernetes_contracts(rendered):
     name, _, docs = rendered
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert {("StatefulSet", "mesh-bootstrap"), ("StatefulSet", "mesh-peer"), ("Deployment", "mesh-coordinator"),
-            ("Service", "mesh-coordinator"), ("StatefulSet", "mesh-mongo")} <= kinds
+    assert {
+        ("StatefulSet", "mesh-bootstrap"),
+        ("StatefulSet", "mesh-peer"),
+        ("Deployment", "mesh-coordinator"),
+        ("Service", "mesh-coordinator"),
+        ("StatefulSet", "mesh-mongo"),
+    } <= kinds
     workloads = _workloads(docs)
     for workload in workloads.values():
         spec = workload["spec"]["template"]["spec"]

@@ -156,8 +156,7 @@ async def test_progress_moves_created_to_running(store: Store) -> None:
 
 
 async def test_history_is_unique_per_epoch_ascending_and_keeps_the_last(store: Store) -> None:
-    points = {e: HistoryPoint(run_id="r1", epoch=e, loss=5.0 - e, samples_per_second=10.0 * e, peers=2, time=t(e))
-              for e in (2, 0, 1, 3)}
+    points = {e: HistoryPoint(run_id="r1", epoch=e, loss=5.0 - e, samples_per_second=10.0 * e, peers=2, time=t(e)) for e in (2, 0, 1, 3)}
     for point in points.values():
         assert await store.add_history(point) is True
     assert await store.add_history(HistoryPoint(run_id="r2", epoch=1, time=t(9))) is True

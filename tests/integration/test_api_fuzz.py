@@ -23,17 +23,33 @@ pytestmark = pytest.mark.integration
 
 def test_api_conforms_to_its_own_openapi_document(tmp_path: Path) -> None:
     url_file = tmp_path / "api.url"
-    process = spawn("coordinator", ["api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "c.db"),
-                                    "--address-file", str(url_file)], tmp_path)
+    process = spawn(
+        "coordinator",
+        ["api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "c.db"), "--address-file", str(url_file)],
+        tmp_path,
+    )
     try:
         process.wait_for(url_file.exists, 60, "its address")
         url = url_file.read_text().strip()
         st = Path(sys.executable).parent / "schemathesis"
         result = subprocess.run(
-            [str(st), "run", f"{url}/api/v1/openapi.json", "--checks", "all",
-             "--exclude-checks", "positive_data_acceptance", "--max-examples", "20", "--seed", "1",
-             "--no-color"],
-            capture_output=True, text=True, timeout=280,
+            [
+                str(st),
+                "run",
+                f"{url}/api/v1/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--max-examples",
+                "20",
+                "--seed",
+                "1",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
         )
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         assert "14 passed" in result.stdout  # every operation of the document was exercised

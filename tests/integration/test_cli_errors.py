@@ -21,8 +21,13 @@ def mesh(*args: str, timeout: float = 90, env: dict | None = None) -> subprocess
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     full_env.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=full_env, start_new_session=True,
+        [sys.executable, "-m", "mesh", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -54,16 +59,38 @@ def test_malformed_multiaddr() -> None:
 
 def test_bootstrap_that_does_not_answer() -> None:
     started = time.monotonic()
-    result = mesh("peer", "--join", f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{VALID_ID}", "--run", "r",
-                  "--task", "regression", "--host", "127.0.0.1", "--join-timeout", "3")
+    result = mesh(
+        "peer",
+        "--join",
+        f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{VALID_ID}",
+        "--run",
+        "r",
+        "--task",
+        "regression",
+        "--host",
+        "127.0.0.1",
+        "--join-timeout",
+        "3",
+    )
     assert_one_line_error(result, 3, "nobody answered", "within 3s", "mesh doctor")
     assert time.monotonic() - started < 60
 
 
 def test_join_url_with_no_bootstrap_behind_it() -> None:
     port = free_port()
-    result = mesh("peer", "--join", f"http://127.0.0.1:{port}/healthz", "--run", "r", "--task", "regression",
-                  "--host", "127.0.0.1", "--join-timeout", "2")
+    result = mesh(
+        "peer",
+        "--join",
+        f"http://127.0.0.1:{port}/healthz",
+        "--run",
+        "r",
+        "--task",
+        "regression",
+        "--host",
+        "127.0.0.1",
+        "--join-timeout",
+        "2",
+    )
     assert_one_line_error(result, 3, f"could not read the bootstrap's addresses from http://127.0.0.1:{port}/healthz within 2s")
 
 

@@ -33,8 +33,14 @@ def test_two_peer_average_matches_the_mean(name: str) -> None:
     second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
     averagers = [
         hivemind.averaging.DecentralizedAverager(
-            [t.clone() for t in own], dht=dht, prefix=f"compression_{name}", target_group_size=2,
-            min_matchmaking_time=2.0, request_timeout=1.0, compression=make_compression(name), start=True,
+            [t.clone() for t in own],
+            dht=dht,
+            prefix=f"compression_{name}",
+            target_group_size=2,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            compression=make_compression(name),
+            start=True,
         )
         for own, dht in zip(tensors, (first, second))
     ]

@@ -40,8 +40,20 @@ def post(url: str) -> dict:
 def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
     url_file = tmp_path / "api.url"
     api = mesh_procs(
-        "coordinator", "api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "coordinator.db"),
-        "--bootstrap", bootstrap, "--address-file", str(url_file), "--heartbeat-interval", str(INTERVAL),
+        "coordinator",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db-path",
+        str(tmp_path / "coordinator.db"),
+        "--bootstrap",
+        bootstrap,
+        "--address-file",
+        str(url_file),
+        "--heartbeat-interval",
+        str(INTERVAL),
     )
     api.wait_for(url_file.exists, 60, "its address")
     return url_file.read_text().strip()
@@ -57,9 +69,7 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
         for n in ("a", "b")
     ]
     # both joined through the coordinator alone (no --join): it handed out the bootstrap address
-    alive = wait_until(
-        lambda: (page := get(f"{api}/peers?run_id=test&status=alive"))["total"] == 2 and page, 120, "2 alive peers"
-    )
+    alive = wait_until(lambda: (page := get(f"{api}/peers?run_id=test&status=alive"))["total"] == 2 and page, 120, "2 alive peers")
     assert {p["device"] for p in alive["items"]} == {"cpu"}
     wait_until(lambda: get(f"{api}/runs/test")["progress"]["epoch"] >= 2, 120, "epoch 2 in the run's progress")
     history = get(f"{api}/runs/test/history")["items"]
@@ -117,8 +127,16 @@ def _screenshot_status_page(coordinator: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = tempfile.mkdtemp(prefix="chromium-")
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", "--virtual-time-budget=8000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=8000",
         "--window-size=1280,1000",
     ]
     try:
@@ -128,9 +146,10 @@ def _screenshot_status_page(coordinator: str) -> None:
         assert 'id="loss-chart"' in html and 'class="series"' in html, "no loss chart drawn"
         assert html.count("<tr") >= 3, "runs and peers tables are empty"
         logged = subprocess.run(
-            [chromium, *flags, "--enable-logging=stderr", "--v=0", f"--screenshot={ARTIFACTS / 'status-page.png'}",
-             coordinator + "/"],
-            capture_output=True, text=True, timeout=90,
+            [chromium, *flags, "--enable-logging=stderr", "--v=0", f"--screenshot={ARTIFACTS / 'status-page.png'}", coordinator + "/"],
+            capture_output=True,
+            text=True,
+            timeout=90,
         )
         console = [line for line in logged.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
         assert console == [], console
@@ -141,11 +160,23 @@ def _screenshot_status_page(coordinator: str) -> None:
 
 def test_run_created_through_the_api_is_joined_with_run_auto(coordinator: str, mesh_procs, tmp_path: Path) -> None:
     api = coordinator + "/api/v1"
-    body = {"run_id": "api-run", "task": "regression", "min_peers": 2, "max_peers": 4,
-            "hyperparameters": {"batch_size": 16, "target_batch_size": 512, "optimizer": "sgd", "lr": 0.2,
-                                "matchmaking_time": 1.0, "averaging_timeout": 10.0}}
-    request = urllib.request.Request(f"{api}/runs", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "run_id": "api-run",
+        "task": "regression",
+        "min_peers": 2,
+        "max_peers": 4,
+        "hyperparameters": {
+            "batch_size": 16,
+            "target_batch_size": 512,
+            "optimizer": "sgd",
+            "lr": 0.2,
+            "matchmaking_time": 1.0,
+            "averaging_timeout": 10.0,
+        },
+    }
+    request = urllib.request.Request(
+        f"{api}/runs", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     assert json.load(urllib.request.urlopen(request, timeout=10))["status"] == "created"
     extra = ("--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL), "--min-peers", "2", "--max-epochs", "3")
     # no --join, no --task, no run id: the coordinator hands out the bootstrap, the run and its config
@@ -155,34 +186,59 @@ def test_run_created_through_the_api_is_joined_with_run_auto(coordinator: str, m
         assert "picked run run=api-run" in peer.output()
     run = get(f"{api}/runs/api-run")
     assert run["progress"]["epoch"] >= 2 and run["status"] == "running"
-    status = subprocess.run([sys.executable, "-m", "mesh", "status", "--coordinator", coordinator], capture_output=True,
-                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    status = subprocess.run(
+        [sys.executable, "-m", "mesh", "status", "--coordinator", coordinator],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert status.returncode == 0, status.stderr
     assert "api-run" in status.stdout and "regression" in status.stdout and status.stdout.count(" left ") == 2
 
 
-def test_training_goes_on_while_the_coordinator_is_down_and_the_dht_observer(
-    bootstrap: str, mesh_procs, tmp_path: Path
-) -> None:
+def test_training_goes_on_while_the_coordinator_is_down_and_the_dht_observer(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    reporting = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--coordinator", url, "--heartbeat-interval",
-                                           str(INTERVAL), "--min-peers", "2", "--max-epochs", "16"))
+    reporting = mesh_procs(
+        "a",
+        *peer_args(
+            bootstrap, "a", tmp_path, "--coordinator", url, "--heartbeat-interval", str(INTERVAL), "--min-peers", "2", "--max-epochs", "16"
+        ),
+    )
     silent = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--min-peers", "2", "--max-epochs", "16"))
     reporting.wait_epoch(3, timeout=150)  # the coordinator is down: training does not care
     assert "coordinator unreachable" in reporting.output()
 
     url_file = tmp_path / "api.url"
-    api_proc = mesh_procs("coordinator", "api", "--host", "127.0.0.1", "--port", str(port), "--db-path",
-                          str(tmp_path / "c.db"), "--join", bootstrap, "--observe-interval", "1",
-                          "--heartbeat-interval", str(INTERVAL), "--address-file", str(url_file))
+    api_proc = mesh_procs(
+        "coordinator",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db-path",
+        str(tmp_path / "c.db"),
+        "--join",
+        bootstrap,
+        "--observe-interval",
+        "1",
+        "--heartbeat-interval",
+        str(INTERVAL),
+        "--address-file",
+        str(url_file),
+    )
     api_proc.wait_for(url_file.exists, 90, "its address")
     ids = {json.loads(p.status_file.read_text())["peer_id"]: p.name for p in (reporting, silent)}
     sources = wait_until(
-        lambda: (page := get(f"{url}/api/v1/peers?run_id=test&status=alive"))["total"] == 2
-        and {ids[p["peer_id"]]: p["source"] for p in page["items"]},
-        60, "both peers recorded",
+        lambda: (
+            (page := get(f"{url}/api/v1/peers?run_id=test&status=alive"))["total"] == 2
+            and {ids[p["peer_id"]]: p["source"] for p in page["items"]}
+        ),
+        60,
+        "both peers recorded",
     )
     assert sources["b"] == "dht"  # never talked to the coordinator: seen through the DHT only
     assert get(f"{url}/api/v1/runs/test")["task"] == "regression"  # the run record, read from the DHT
@@ -200,9 +256,23 @@ def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: 
     """Issue 10: with --protect-reads a peer's start-up reads (bootstrap, --run auto, the run's config) got 401."""
     url_file, token = tmp_path / "api.url", "s3cret-token"
     api_proc = mesh_procs(
-        "coordinator", "api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "coordinator.db"),
-        "--bootstrap", bootstrap, "--address-file", str(url_file), "--heartbeat-interval", str(INTERVAL),
-        "--api-token", token, "--protect-reads",
+        "coordinator",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db-path",
+        str(tmp_path / "coordinator.db"),
+        "--bootstrap",
+        bootstrap,
+        "--address-file",
+        str(url_file),
+        "--heartbeat-interval",
+        str(INTERVAL),
+        "--api-token",
+        token,
+        "--protect-reads",
     )
     api_proc.wait_for(url_file.exists, 60, "its address")
     coordinator = url_file.read_text().strip()
@@ -224,6 +294,11 @@ def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: 
     request = urllib.request.Request(f"{coordinator}/api/v1/runs/guarded", headers=auth)
     run = json.load(urllib.request.urlopen(request, timeout=10))
     assert run["progress"]["epoch"] >= 1  # its heartbeats carried the token too
-    status = subprocess.run([sys.executable, "-m", "mesh", "status", "--coordinator", coordinator, "--api-token", token],
-                            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    status = subprocess.run(
+        [sys.executable, "-m", "mesh", "status", "--coordinator", coordinator, "--api-token", token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert status.returncode == 0 and "guarded" in status.stdout, status.stderr

@@ -31,15 +31,22 @@ ATOL = {"none": 1e-6, "fp16": 4e-3}  # fp16: ~11 significant bits on values |x| 
 class Member:
     """One averaging member: a DHT, parameters whose gradients are known, and a MeshGradientAverager."""
 
-    def __init__(self, index: int, stack: ExitStack, initial_peers: list, compression: str = "none",
-                 timeout: float = 10.0) -> None:
+    def __init__(self, index: int, stack: ExitStack, initial_peers: list, compression: str = "none", timeout: float = 10.0) -> None:
         self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
         stack.callback(self.dht.shutdown)
         self.params = [torch.nn.Parameter(torch.zeros(n)) for n in SIZES]
         self.averager = MeshGradientAverager(
-            self.params, dht=self.dht, prefix="dataplane", run_id="dataplane", compression_name=compression,
-            compression=make_compression(compression), data_plane_host="127.0.0.1", start=True,
-            min_matchmaking_time=3.0, request_timeout=1.0, allreduce_timeout=timeout,
+            self.params,
+            dht=self.dht,
+            prefix="dataplane",
+            run_id="dataplane",
+            compression_name=compression,
+            compression=make_compression(compression),
+            data_plane_host="127.0.0.1",
+            start=True,
+            min_matchmaking_time=3.0,
+            request_timeout=1.0,
+            allreduce_timeout=timeout,
         )
         stack.callback(self.averager.shutdown)
         self.seed = 100 * index

@@ -22,8 +22,19 @@ pytestmark = pytest.mark.integration
 
 def test_bootstrap_keeps_its_address_across_restarts_and_serves_health(mesh_procs, tmp_path: Path) -> None:
     identity, addr_file, port, http_port = tmp_path / "id.key", tmp_path / "addr", free_port(), free_port()
-    args = ["bootstrap", "--host", "127.0.0.1", "--port", str(port), "--identity", str(identity),
-            "--address-file", str(addr_file), "--metrics-port", str(http_port)]
+    args = [
+        "bootstrap",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--identity",
+        str(identity),
+        "--address-file",
+        str(addr_file),
+        "--metrics-port",
+        str(http_port),
+    ]
     first = mesh_procs("bootstrap-1", *args)
     first.wait_for(addr_file.exists, 60, "an address file")
     address = addr_file.read_text().split()[0]
@@ -32,7 +43,7 @@ def test_bootstrap_keeps_its_address_across_restarts_and_serves_health(mesh_proc
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10))
     assert health["status"] == "ok" and address in health["addrs"]
     metrics = promtool_check_metrics(f"http://127.0.0.1:{http_port}/metrics")
-    assert 'mesh_build_info{' in metrics and 'role="bootstrap"' in metrics and "mesh_process_uptime_seconds" in metrics
+    assert "mesh_build_info{" in metrics and 'role="bootstrap"' in metrics and "mesh_process_uptime_seconds" in metrics
 
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(30) == 0
@@ -77,9 +88,31 @@ def test_doctor_fails_clearly_on_a_dead_bootstrap_and_a_bad_address() -> None:
 def test_mesh_up_runs_bounded_epochs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     workdir = tmp_path / "up"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "up", "--task", "demo", "--peers", "2", "--max-epochs", "2",
-         "--target-batch-size", "128", "--matchmaking-time", "1", "--api-port", "0", "--workdir", str(workdir)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "up",
+            "--task",
+            "demo",
+            "--peers",
+            "2",
+            "--max-epochs",
+            "2",
+            "--target-batch-size",
+            "128",
+            "--matchmaking-time",
+            "1",
+            "--api-port",
+            "0",
+            "--workdir",
+            str(workdir),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     seen: set[int] = set()
     try:

@@ -58,11 +58,19 @@ def prometheus(tmp_path: Path):
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(tmp_path / "prometheus.log", "wb")
-        processes.append(subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: _ready(base), 60, "Prometheus ready", poll=1)
         return base
@@ -83,24 +91,64 @@ def _ready(base: str) -> bool:
 def test_prometheus_scrapes_the_mesh_and_every_panel_and_alert_evaluates(mesh_procs, prometheus, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("bootstrap", "a", "b")}
     addr_file, url_file = tmp_path / "bootstrap.addr", tmp_path / "api.url"
-    boot = mesh_procs("bootstrap", "bootstrap", "--host", "127.0.0.1", "--port", "0", "--address-file", str(addr_file),
-                      "--metrics-port", str(ports["bootstrap"]))
+    boot = mesh_procs(
+        "bootstrap",
+        "bootstrap",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--address-file",
+        str(addr_file),
+        "--metrics-port",
+        str(ports["bootstrap"]),
+    )
     boot.wait_for(addr_file.exists, 60, "an address file")
     join = addr_file.read_text().split()[0]
-    api = mesh_procs("coordinator", "api", "--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "c.db"),
-                     "--bootstrap", join, "--address-file", str(url_file), "--heartbeat-interval", "1")
+    api = mesh_procs(
+        "coordinator",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db-path",
+        str(tmp_path / "c.db"),
+        "--bootstrap",
+        join,
+        "--address-file",
+        str(url_file),
+        "--heartbeat-interval",
+        "1",
+    )
     api.wait_for(url_file.exists, 60, "its address")
     coordinator = url_file.read_text().strip()
     peers = {
-        name: mesh_procs(name, *peer_args(join, name, tmp_path, "--min-peers", "2", "--coordinator", coordinator,
-                                          "--heartbeat-interval", "1", "--metrics-port", str(ports[name])))
+        name: mesh_procs(
+            name,
+            *peer_args(
+                join,
+                name,
+                tmp_path,
+                "--min-peers",
+                "2",
+                "--coordinator",
+                coordinator,
+                "--heartbeat-interval",
+                "1",
+                "--metrics-port",
+                str(ports[name]),
+            ),
+        )
         for name in ("a", "b")
     }
-    base = prometheus({
-        "mesh-bootstrap": [f"127.0.0.1:{ports['bootstrap']}"],
-        "mesh-coordinator": [coordinator.removeprefix("http://")],
-        "mesh-peer": [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}"],
-    })
+    base = prometheus(
+        {
+            "mesh-bootstrap": [f"127.0.0.1:{ports['bootstrap']}"],
+            "mesh-coordinator": [coordinator.removeprefix("http://")],
+            "mesh-peer": [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}"],
+        }
+    )
     peers["a"].wait_epoch(4, timeout=180)
     time.sleep(5)  # a few more scrapes after the last rounds
 
@@ -118,8 +166,11 @@ def test_prometheus_scrapes_the_mesh_and_every_panel_and_alert_evaluates(mesh_pr
         assert query(base, expr)["status"] == "success", name
 
     # the metrics move: rounds and bytes counted on both peers
-    for series in ("mesh_peer_averaging_rounds_total{outcome=\"ok\"}", "mesh_peer_averaging_sent_bytes_total",
-                   "mesh_peer_averaging_received_bytes_total"):
+    for series in (
+        'mesh_peer_averaging_rounds_total{outcome="ok"}',
+        "mesh_peer_averaging_sent_bytes_total",
+        "mesh_peer_averaging_received_bytes_total",
+    ):
         result = query(base, series)["data"]["result"]
         assert len(result) == 2 and all(float(r["value"][1]) > 0 for r in result), (series, result)
 

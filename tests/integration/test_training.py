@@ -185,7 +185,8 @@ def _exit_collecting_helpers(process: MeshProcess, timeout: float) -> int:
 
 
 def test_unreadable_checkpoint_without_live_peers_exits_with_one_line_and_keeps_the_file(
-        bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    bootstrap: str, mesh_procs, tmp_path: Path
+) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "2"))
@@ -203,8 +204,7 @@ def test_unreadable_checkpoint_without_live_peers_exits_with_one_line_and_keeps_
     assert alive(peer.descendants) == set()
 
 
-def test_unreadable_checkpoint_with_a_live_peer_takes_the_state_from_the_mesh(
-        bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+def test_unreadable_checkpoint_with_a_live_peer_takes_the_state_from_the_mesh(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     healthy = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--max-epochs", "6"))
     healthy.wait_epoch(2, timeout=120)
     (tmp_path / "a").mkdir()

@@ -124,8 +124,11 @@ def _configs_with(section: type) -> list[type]:
 
     import mesh.config as config
 
-    return [c for c in vars(config).values()
-            if isinstance(c, type) and dataclasses.is_dataclass(c) and issubclass(c, section) and c is not section]
+    return [
+        c
+        for c in vars(config).values()
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and issubclass(c, section) and c is not section
+    ]
 
 
 INVALID_BY_SECTION = {  # one invalid value per section's validated fields
@@ -172,8 +175,11 @@ def test_describe_redacts_every_secret_field_of_every_config() -> None:
         fields = {f.name for f in dataclasses.fields(klass)}
         # a new secret-looking field must be listed in SECRET_FIELDS (identity is a file path, not a secret)
         assert {f for f in fields if secret_like.search(f)} <= set(config.SECRET_FIELDS), klass.__name__
-        secrets = {name: f"mongodb://user:hunter2-{name}@db:27017" if name == "mongo_url" else f"hunter2-{name}"
-                   for name in config.SECRET_FIELDS if name in fields}
+        secrets = {
+            name: f"mongodb://user:hunter2-{name}@db:27017" if name == "mongo_url" else f"hunter2-{name}"
+            for name in config.SECRET_FIELDS
+            if name in fields
+        }
         seen |= set(secrets)
         built = klass(**({"run": "r"} if klass.__name__ == "PeerConfig" else {}), **secrets)
         line = config.describe(built)

@@ -34,8 +34,10 @@ def test_hivemind_version_is_the_pinned_one() -> None:
     assert hivemind.__version__ == "1.1.12", "the checks below were written against 1.1.12; re-read them on a bump"
 
 
-@pytest.mark.parametrize("name", ["grad_averager_factory", "tracker_opts", "average_state_every",
-                                  "delay_state_averaging", "grad_compression", "use_local_updates"])
+@pytest.mark.parametrize(
+    "name",
+    ["grad_averager_factory", "tracker_opts", "average_state_every", "delay_state_averaging", "grad_compression", "use_local_updates"],
+)
 def test_optimizer_takes_the_arguments_the_trainer_passes(name: str) -> None:
     assert name in parameters(hivemind.Optimizer.__init__)
 
@@ -43,10 +45,15 @@ def test_optimizer_takes_the_arguments_the_trainer_passes(name: str) -> None:
 def test_optimizer_builds_its_state_averager_in_the_method_the_mesh_overrides() -> None:
     # MeshOptimizer._make_state_averager copies the body of this method with its class swapped
     body = source(hivemind.Optimizer._make_state_averager)
-    for argument in ("prefix=f\"{self.run_id}_state_averager\"", "min_matchmaking_time=self.matchmaking_time",
-                     "allreduce_timeout=self.allreduce_timeout", "offload_optimizer=self.offload_optimizer",
-                     "custom_gradients=self.offload_optimizer", "next_chunk_timeout=self.next_chunk_timeout",
-                     "start=True"):
+    for argument in (
+        'prefix=f"{self.run_id}_state_averager"',
+        "min_matchmaking_time=self.matchmaking_time",
+        "allreduce_timeout=self.allreduce_timeout",
+        "offload_optimizer=self.offload_optimizer",
+        "custom_gradients=self.offload_optimizer",
+        "next_chunk_timeout=self.next_chunk_timeout",
+        "start=True",
+    ):
         assert argument in body, f"hivemind.Optimizer._make_state_averager no longer passes {argument}"
 
 
@@ -78,7 +85,8 @@ def test_averager_internals_the_data_plane_hooks_into() -> None:
     assert "self._running_groups" in source(DecentralizedAverager._register_allreduce_group)
     assert "self.lock_averaged_tensors" in source(DecentralizedAverager.get_tensors)
     assert "data_for_gather = self.serializer.dumps([self.bandwidth, self.mode.value, user_data_for_gather])" in (
-        source(DecentralizedAverager.step))
+        source(DecentralizedAverager.step)
+    )
     assert issubclass(MatchmakingException, Exception)
 
 

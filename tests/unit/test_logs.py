@@ -24,7 +24,12 @@ def test_json_records_carry_fields_role_run_and_peer(monkeypatch) -> None:
     assert (data["epoch"], data["loss"], data["group"], data["state"]) == (3, 0.25, 2, "training")
     assert isinstance(data["epoch"], int) and isinstance(data["loss"], float)
     assert (data["role"], data["run"], data["peer_id"], data["level"], data["logger"]) == (
-        "peer", "demo", "12D3KooWabc", "info", "mesh.trainer")
+        "peer",
+        "demo",
+        "12D3KooWabc",
+        "info",
+        "mesh.trainer",
+    )
 
 
 def test_a_message_never_overwrites_the_records_own_fields(monkeypatch) -> None:

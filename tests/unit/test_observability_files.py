@@ -138,9 +138,7 @@ def test_prometheus_scrapes_the_compose_stack() -> None:
     assert jobs["mesh-bootstrap"]["static_configs"][0]["targets"] == ["bootstrap:9100"]
     assert jobs["mesh-coordinator"]["static_configs"][0]["targets"] == ["coordinator:8080"]
     assert jobs["mesh-coordinator"].get("metrics_path", "/metrics") == "/metrics"
-    assert jobs["mesh-peer"]["dns_sd_configs"] == [
-        {"names": ["peer", "peer-gpu"], "type": "A", "port": 9100, "refresh_interval": "15s"}
-    ]
+    assert jobs["mesh-peer"]["dns_sd_configs"] == [{"names": ["peer", "peer-gpu"], "type": "A", "port": 9100, "refresh_interval": "15s"}]
     assert jobs["mesh-kubernetes-pods"][KUBERNETES_SD] == [{"role": "pod"}]
 
 
@@ -183,8 +181,11 @@ def test_kubernetes_job_relabels_annotated_pods() -> None:
 
     target = relabel(kubernetes_pod(scrape="true", port="9100", path="/custom-metrics"), rules)
     assert target == {
-        "__address__": "10.1.2.3:9100", "__metrics_path__": "/custom-metrics",
-        "component": "peer", "namespace": "mesh", "pod": "peer-0",
+        "__address__": "10.1.2.3:9100",
+        "__metrics_path__": "/custom-metrics",
+        "component": "peer",
+        "namespace": "mesh",
+        "pod": "peer-0",
     }
     # A container without a declared port: __address__ is the bare pod IP.
     pod = kubernetes_pod(scrape="true", port="8080") | {"__address__": "10.1.2.4"}

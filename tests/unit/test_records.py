@@ -12,8 +12,15 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from mesh.records import RUN_RECORD_VALIDATOR, RUNS_KEY, RunRecord, fingerprint, make_record, parse_records
 
 HYPER = dict(
-    batch_size=16, target_batch_size=64, optimizer="sgd", lr=0.1, averaging="gradients", compression="none",
-    matchmaking_time=2, averaging_timeout=30, seed=0,
+    batch_size=16,
+    target_batch_size=64,
+    optimizer="sgd",
+    lr=0.1,
+    averaging="gradients",
+    compression="none",
+    matchmaking_time=2,
+    averaging_timeout=30,
+    seed=0,
 )
 
 
@@ -38,8 +45,16 @@ def test_make_record_coerces_numbers_to_the_strict_types() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("optimizer", "lamb"), ("compression", "zip"), ("averaging", "gossip"), ("batch_size", 0), ("lr", 0.0),
-     ("run_id", "bad id"), ("fingerprint", "xyz"), ("target_batch_size", 8)],
+    [
+        ("optimizer", "lamb"),
+        ("compression", "zip"),
+        ("averaging", "gossip"),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("run_id", "bad id"),
+        ("fingerprint", "xyz"),
+        ("target_batch_size", 8),
+    ],
 )
 def test_schema_rejects_bad_fields(field: str, value) -> None:
     data = {**_record().dict(), field: value}
