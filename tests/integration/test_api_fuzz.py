@@ -18,7 +18,7 @@ import pytest
 
 from tests.procs import reap, spawn
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 
 def test_api_conforms_to_its_own_openapi_document(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from mesh.trainer import EIGHT_BIT_MIN_SIZE, make_compression
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 # Tolerances: fp16 keeps ~11 significant bits (relative error <= 2^-11, |x| < 5 -> atol ~3e-3). Uniform8Bit
 # quantizes N(0, 1) into 256 buckets over a clipped range: typical error ~0.007 per value (measured: mean 0.0066),

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import peer_args
 from tests.procs import free_port, metric, promtool_check_metrics, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 INTERVAL = 1.0
 ARTIFACTS = Path(os.environ.get("MESH_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts"))

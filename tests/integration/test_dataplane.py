@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from mesh.averager import MeshGradientAverager
 from mesh.trainer import EIGHT_BIT_MIN_SIZE, make_compression
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 SIZES = (EIGHT_BIT_MIN_SIZE * 4, 17)  # one tensor 8-bit really quantizes, one it sends as fp16
 ATOL = {"none": 1e-6, "fp16": 4e-3}  # fp16: ~11 significant bits on values |x| < 5; 8-bit: see test_compression.py

@@ -17,7 +17,7 @@ import pytest
 from tests.integration.test_cli_errors import mesh
 from tests.procs import REPO, alive, free_port, http_server, promtool_check_metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 
 def test_bootstrap_keeps_its_address_across_restarts_and_serves_health(mesh_procs, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import peer_args
 from tests.procs import REPO, free_port, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 DASHBOARDS = REPO / "docker" / "grafana" / "dashboards"
 ALERTS = REPO / "docker" / "prometheus" / "alerts.yml"

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 from tests.conftest import peer_args
 from tests.procs import MeshProcess, alive
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 
 EPOCHS = 5
 
