@@ -57,20 +57,20 @@ def prometheus(tmp_path: Path):
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        log = open(tmp_path / "prometheus.log", "wb")
-        processes.append(
-            subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with open(tmp_path / "prometheus.log", "wb") as log:  # the child has its own copy of the descriptor
+            processes.append(
+                subprocess.Popen(
+                    [
+                        "prometheus",
+                        f"--config.file={tmp_path / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
-        )
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: _ready(base), 60, "Prometheus ready", poll=1)
         return base
