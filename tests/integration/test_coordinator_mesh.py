@@ -36,27 +36,19 @@ def post(url: str) -> dict:
         return json.load(response)
 
 
-@pytest.fixture
-def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
+def start_coordinator(mesh_procs, bootstrap: str, tmp_path: Path, *extra: str) -> str:
+    """``mesh api`` on 127.0.0.1, a free port, handing out ``bootstrap``; returns its URL once it listens."""
     url_file = tmp_path / "api.url"
-    api = mesh_procs(
-        "coordinator",
-        "api",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db-path",
-        str(tmp_path / "coordinator.db"),
-        "--bootstrap",
-        bootstrap,
-        "--address-file",
-        str(url_file),
-        "--heartbeat-interval",
-        str(INTERVAL),
-    )
+    where = ["--host", "127.0.0.1", "--port", "0", "--db-path", str(tmp_path / "coordinator.db")]
+    how = ["--bootstrap", bootstrap, "--address-file", str(url_file), "--heartbeat-interval", str(INTERVAL)]
+    api = mesh_procs("coordinator", "api", *where, *how, *extra)
     api.wait_for(url_file.exists, 60, "its address")
     return url_file.read_text().strip()
+
+
+@pytest.fixture
+def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
+    return start_coordinator(mesh_procs, bootstrap, tmp_path)
 
 
 def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:
@@ -254,28 +246,8 @@ def _id_of(ids: dict[str, str], name: str) -> str:
 
 def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     """Issue 10: with --protect-reads a peer's start-up reads (bootstrap, --run auto, the run's config) got 401."""
-    url_file, token = tmp_path / "api.url", "s3cret-token"
-    api_proc = mesh_procs(
-        "coordinator",
-        "api",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db-path",
-        str(tmp_path / "coordinator.db"),
-        "--bootstrap",
-        bootstrap,
-        "--address-file",
-        str(url_file),
-        "--heartbeat-interval",
-        str(INTERVAL),
-        "--api-token",
-        token,
-        "--protect-reads",
-    )
-    api_proc.wait_for(url_file.exists, 60, "its address")
-    coordinator = url_file.read_text().strip()
+    token = "s3cret-token"
+    coordinator = start_coordinator(mesh_procs, bootstrap, tmp_path, "--api-token", token, "--protect-reads")
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     body = {"run_id": "guarded", "task": "regression", "hyperparameters": {"target_batch_size": 512}}
     request = urllib.request.Request(f"{coordinator}/api/v1/runs", data=json.dumps(body).encode(), method="POST", headers=auth)
