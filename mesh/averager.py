@@ -90,7 +90,9 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self._executor: ThreadPoolExecutor | None = None  # created in the averager's process, on first use
         self._groups: dataplane.GroupCache | None = None
         parameters = tuple(parameters)
-        if data_plane_host is not None and "averaged_grads" not in kwargs:
+        if data_plane_host is not None:
+            if kwargs.get("averaged_grads"):
+                raise ValueError("the data plane averages its own flat buffer: do not pass averaged_grads with it")
             self._flat, views = dataplane.flat_views([torch.zeros_like(p, device="cpu") for p in parameters])
             kwargs["averaged_grads"] = views
         super().__init__(parameters, **kwargs)
@@ -200,26 +202,25 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
 
     # ---- the averager's process: the all-reduce itself ----
 
-    def _members(self, group_info: GroupInfo) -> list[tuple[bytes, dataplane.Endpoint]] | None:
-        """(peer id, endpoint) of every member, or None when some member cannot use the data plane."""
-        members = []
+    def _members(self, group_info: GroupInfo) -> tuple[list[tuple[bytes, dataplane.Endpoint]] | None, dict]:
+        """(peer id, endpoint) of every member, or None when some member cannot use the data plane; and every
+        member's gathered metadata by peer id (what the round returns), decoded once."""
+        members: list[tuple[bytes, dataplane.Endpoint]] | None = []
+        gathered = {}
         for peer_id, blob in zip(group_info.peer_ids, group_info.gathered):
             _bandwidth, mode, user = self.serializer.loads(blob)
-            data = self.serializer.loads(user)
+            data = gathered[peer_id] = self.serializer.loads(user)
             endpoint = dataplane.Endpoint.from_wire(data.get("dp")) if isinstance(data, dict) else None
             if endpoint is None or AveragingMode(mode) != AveragingMode.NODE:
-                return None
-            members.append((peer_id.to_bytes(), endpoint))
-        return members
+                members = None
+            elif members is not None:
+                members.append((peer_id.to_bytes(), endpoint))
+        return members, gathered
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any):
-        members = self._members(group_info) if self.data_plane_host is not None else None
+        members, gathered = self._members(group_info) if self.data_plane_host is not None else (None, {})
         if members is None:
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        gathered = {
-            peer_id: self.serializer.loads(self.serializer.loads(blob)[2])
-            for peer_id, blob in zip(group_info.peer_ids, group_info.gathered)
-        }
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane")  # collectives run in order
@@ -245,7 +246,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
             started = time.perf_counter()
             try:
                 await loop.run_in_executor(
-                    self._executor, dataplane.average_, group, tensors, kwargs["weight"], self.compression_name, self.codec, self._flat
+                    self._executor, dataplane.average_, group, tensors, self._flat, kwargs["weight"], self.compression_name, self.codec
                 )
             except Exception as err:
                 self._groups.drop()

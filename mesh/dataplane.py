@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import logging
 import socket
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,8 +30,6 @@ import torch
 import torch.distributed as dist
 from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
-
-logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2**22  # 16 MB of float32 per collective
 
@@ -148,13 +145,13 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
 def average_(
     group: dist.ProcessGroup,
     tensors: Sequence[torch.Tensor],
+    flat: torch.Tensor,
     weight: float,
     compression: str,
     codec: CompressionBase | None = None,
-    flat: torch.Tensor | None = None,
 ) -> None:
-    """Replace ``tensors`` in place by the weighted mean of every member's. ``flat``, when given, is the one
-    contiguous buffer the tensors are views of (see :func:`flat_views`); otherwise a copy is made and copied back.
+    """Replace ``tensors`` in place by the weighted mean of every member's; they are views of the one contiguous
+    float32 buffer ``flat`` (see :func:`flat_views`), which is reduced in place.
 
     Note: the tensors are undefined if a collective fails midway; the caller falls back to its own copy."""
     total_weight = torch.tensor([weight], dtype=torch.float64)
@@ -163,25 +160,19 @@ def average_(
     if total <= 0:  # every member tagged along with weight 0: nothing to average
         return
     share = weight / total
-    buffer = flat if flat is not None else torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
     if compression == "none":
         # scale chunk k+1 while chunk k is on the wire: the scaling pass costs ~20% of a 25M all-reduce otherwise
-        pending = [group.allreduce([chunk.mul_(share)]) for chunk in buffer.split(CHUNK_ELEMENTS)]
+        pending = [group.allreduce([chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]
         for work in pending:
             work.wait()
     elif compression == "fp16":
-        half = buffer.mul(share).to(torch.float16)
+        half = flat.mul(share).to(torch.float16)
         group.allreduce([half]).wait()
-        buffer.copy_(half)
+        flat.copy_(half)
     elif compression == "8bit":
-        buffer.copy_(_gathered_mean(group, tensors, share, codec))
+        flat.copy_(_gathered_mean(group, tensors, share, codec))
     else:
         raise ValueError(f"unknown compression {compression!r}")
-    if flat is None:
-        offset = 0
-        for t in tensors:
-            t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
 
 
 def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], share: float, codec: CompressionBase | None) -> torch.Tensor:

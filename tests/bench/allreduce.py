@@ -7,7 +7,7 @@ What it measures: the time of one float32 all-reduce of a vector of ``--sizes`` 
   baseline;
 - ``mesh``: the project's data plane (:mod:`mesh.dataplane`) as the averager uses it: each process hosts a
   ``StoreHost``, the process group comes from ``GroupCache.get`` (its first build is timed too, reported as
-  ``build``), and ``average_(..., weight=1.0, compression="none", flat=flat)`` averages a :func:`flat_views` buffer
+  ``build``), and ``average_(group, views, flat, weight=1.0, compression="none")`` averages a :func:`flat_views` buffer
   in place (one weight all-reduce, then the chunked, scaled fp32 all-reduce);
 - ``hivemind``: hivemind's ``DecentralizedAverager`` (one ``hivemind.DHT`` per process, joined to the first), one
   ``step`` per repetition. Only the all-reduce is timed, not matchmaking: the step is started with
@@ -172,7 +172,7 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
     bare = tensor  # the same values, for the paired bare all-reduce on the same process group
 
     def work() -> None:
-        average_(group, views, weight=1.0, compression="none", codec=None, flat=flat)
+        average_(group, views, flat, weight=1.0, compression="none")
 
     barrier.wait(BARRIER_TIMEOUT)
     work()  # warm-up
