@@ -48,9 +48,16 @@ def test_bootstrap_keeps_its_address_across_restarts_and_serves_health(mesh_proc
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(30) == 0
     addr_file.unlink()
-    second = mesh_procs("bootstrap-2", *args)
+    second = mesh_procs("bootstrap-2", *args, "--log-format", "json")
     second.wait_for(addr_file.exists, 60, "an address file")
     assert addr_file.read_text().split()[0] == address  # same identity, same port: the same multiaddr
+    # JSON logs: one object per line, the role on every record, the peer id once the DHT is up, the message's
+    # key=value pairs as typed fields (issue 10)
+    records = [json.loads(line) for line in second.output().splitlines() if line.startswith("{")]
+    assert records and all(r["role"] == "bootstrap" and r["level"] and r["message"] for r in records)
+    config_line = next(r for r in records if r["message"].startswith("bootstrap config"))
+    assert config_line["port"] == port and config_line["log_format"] == "json"
+    assert any(r.get("peer_id") == address.rsplit("/", 1)[1] for r in records), records
 
 
 def test_doctor_reports_in_plain_words(bootstrap: str) -> None:
