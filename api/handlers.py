@@ -178,17 +178,19 @@ async def create_run(request: web.Request) -> web.Response:
 
 
 def _with_task_defaults(task_spec: str, hyper: dict) -> dict:
-    """Unset hyperparameters become the task's defaults, as a peer creating the run would choose them; left unset
-    (for the first peer to resolve) when the task cannot be loaded here (a user's module)."""
-    try:  # the coordinator's image has no torch: there every task is "not loadable here"
+    """Unset hyperparameters become the task's defaults, as a peer creating the run would choose them. Only for the
+    built-in tasks: a ``module:function`` task would mean importing and calling code named by a request, so its
+    unset values stay unset, for the first peer to resolve (as they do where torch is missing: the coordinator's
+    image)."""
+    try:
         from mesh.runs import resolve_hyperparameters
-        from mesh.tasks import load_task
-
-        task = load_task(task_spec)
-    except Exception as err:
-        logger.info("task %s not loadable here (%s); unset hyperparameters stay the task's defaults", task_spec, err)
+        from mesh.tasks import BUILTIN_TASKS
+    except ImportError as err:
+        logger.info("task defaults not resolvable here (%s); unset hyperparameters stay the task's defaults", err)
         return hyper
-    return {**hyper, **resolve_hyperparameters(task, hyper)}
+    if task_spec not in BUILTIN_TASKS:
+        return hyper
+    return {**hyper, **resolve_hyperparameters(BUILTIN_TASKS[task_spec](), hyper)}
 
 
 async def get_run(request: web.Request) -> web.Response:

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def write(path: Path, content: str | bytes | Callable[[BinaryIO], object], durable: bool = False) -> Path:
+def write(path: Path, content: str | bytes | Callable[[BinaryIO], object], durable: bool = False, mode: int = 0o644) -> Path:
     """Replace ``path`` with ``content`` (text, bytes, or a function that writes to a binary handle) in one rename.
     ``durable``: fsync the file and its folder, so that a machine crash leaves the old or the new file (checkpoints).
-    A failure at any point leaves the previous file as it was and no temp file behind."""
+    ``mode``: the file's permissions (mkstemp's are 0600; status and address files are read by other users, e.g. a
+    sidecar on a shared volume). A failure at any point leaves the previous file as it was and no temp file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             if callable(content):
                 content(handle)

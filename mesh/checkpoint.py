@@ -36,7 +36,7 @@ def ensure_writable(directory: Path) -> Path:
 
 def save(directory: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` so that a crash at any moment leaves either the old or the new checkpoint, never half of one."""
-    return atomicfile.write(directory / FILENAME, lambda handle: torch.save(state, handle), durable=True)
+    return atomicfile.write(directory / FILENAME, lambda handle: torch.save(state, handle), durable=True, mode=0o600)
 
 
 class UnreadableCheckpoint(Exception):

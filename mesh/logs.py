@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -18,11 +19,13 @@ def set_context(**fields: str | None) -> None:
 
 
 def _value(text: str) -> object:
+    """A number where the text is one; NaN and ±inf stay text (JSON has no such numbers; strict parsers reject them)."""
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        return value if math.isfinite(value) else text
     return text
 
 

@@ -311,7 +311,10 @@ async def test_unset_hyperparameters_are_the_tasks_defaults_as_for_mesh_peer(cli
     assert given["lr"] == 0.05 and given["optimizer"] == "sgd"  # what is given wins, the rest is the task's
     stored = await (await client.get("/api/v1/runs/r2")).json()
     assert stored["hyperparameters"] == given
-    # a task the coordinator cannot load (a user's module): unset stays unset, for the first peer to resolve
-    response = await client.post("/api/v1/runs", json={"run_id": "r3", "task": "no_such_module_xyz:task"})
-    assert response.status == 201
-    assert (await response.json())["hyperparameters"]["optimizer"] is None
+    # a user's module:function task is never imported by the coordinator (a request must not run code): unset stays
+    # unset, for the first peer to resolve; "sys:exit" would have stopped the coordinator
+    for run_id, task in (("r3", "no_such_module_xyz:task"), ("r4", "sys:exit"), ("r5", "mesh.tasks.regression:regression_task")):
+        response = await client.post("/api/v1/runs", json={"run_id": run_id, "task": task})
+        assert response.status == 201
+        assert (await response.json())["hyperparameters"]["optimizer"] is None
+    assert (await client.get("/api/v1/health")).status == 200

@@ -33,3 +33,10 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
         atomicfile.write(target, crash)
     assert target.read_text() == '{"epoch": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_permissions_are_readable_by_others_unless_asked(tmp_path: Path) -> None:
+    status, secret = tmp_path / "status.json", tmp_path / "checkpoint.pt"
+    atomicfile.write(status, "{}")
+    atomicfile.write(secret, b"state", durable=True, mode=0o600)
+    assert status.stat().st_mode & 0o777 == 0o644 and secret.stat().st_mode & 0o777 == 0o600

@@ -8,6 +8,10 @@ import logging
 from mesh import logs
 
 
+def _reject(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def _record(message: str, *args) -> logging.LogRecord:
     return logging.LogRecord("mesh.trainer", logging.INFO, __file__, 1, message, args, None)
 
@@ -23,6 +27,8 @@ def test_json_records_carry_fields_role_run_and_peer(monkeypatch) -> None:
     assert data["message"] == "progress epoch=3 loss=0.2500 group=2 state=training"
     assert (data["epoch"], data["loss"], data["group"], data["state"]) == (3, 0.25, 2, "training")
     assert isinstance(data["epoch"], int) and isinstance(data["loss"], float)
+    strict = json.loads(formatter.format(_record("progress loss=%.4f big=1e400", float("nan"))), parse_constant=_reject)
+    assert strict["loss"] == "nan" and strict["big"] == "1e400"  # valid JSON: no bare NaN / Infinity
     assert (data["role"], data["run"], data["peer_id"], data["level"], data["logger"]) == (
         "peer",
         "demo",
