@@ -10,10 +10,6 @@ from mesh.config import StatusConfig
 from mesh.coordinator_client import Coordinator
 
 
-def _get(config: StatusConfig, path: str) -> Any:
-    return Coordinator(config.coordinator, config.api_token).get(path, missing_ok=False)
-
-
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -34,10 +30,15 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 
 def run(config: StatusConfig) -> int:
-    summary = _get(config, "/summary")
-    runs = [_get(config, f"/runs/{config.run}")] if config.run else _get(config, "/runs?limit=100")["items"]
+    coordinator = Coordinator(config.coordinator, config.api_token)
+
+    def get(path: str) -> Any:
+        return coordinator.get(path, missing_ok=False)
+
+    summary = get("/summary")
+    runs = [get(f"/runs/{config.run}")] if config.run else get("/runs?limit=100")["items"]
     query = f"?run_id={config.run}&limit=500" if config.run else "?limit=500"
-    peers = _get(config, "/peers" + query)["items"]
+    peers = get("/peers" + query)["items"]
     if config.output == "json":
         print(json.dumps({"summary": summary, "runs": runs, "peers": peers}, indent=2))
         return 0

@@ -42,14 +42,14 @@ def run(config: PeerConfig) -> int:
 
     coordinator = Coordinator(config.coordinator, config.api_token) if config.coordinator else None
     if config.run == "auto":
-        if not config.coordinator:
+        if coordinator is None:
             raise ConfigError("--run auto needs --coordinator URL: the coordinator knows which run most needs peers")
         config = dataclasses.replace(config, run=coordinator.pick_run())
         logger.info("picked run run=%s", config.run)
-    if config.coordinator and not config.join:
+    if coordinator is not None and not config.join:
         config = dataclasses.replace(config, join=coordinator.bootstrap_addrs())
     coordinator_run = None
-    if config.coordinator:
+    if coordinator is not None:
         try:
             coordinator_run = coordinator.run_config(config.run)
         except JoinError as err:  # with --join the mesh does not need the coordinator: train, report later
@@ -87,7 +87,7 @@ def run(config: PeerConfig) -> int:
         )
         keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
-        if config.coordinator:
+        if coordinator is not None:
             addrs = visible_maddrs(dht)[:8]
             reporter = Reporter(
                 coordinator,

@@ -47,9 +47,8 @@ import torch.multiprocessing as mp
 from mesh.tasks import load_task
 from mesh.trainer import make_optimizer_factory
 from mesh.up import free_port
-from tests.procs import metric, metrics_page
+from tests.procs import metric, metrics_page, spawn
 
-REPO = Path(__file__).resolve().parents[2]
 CASES = "demo:512,demo:4096,tests.bench.models:mlp25m:512"
 
 
@@ -173,11 +172,7 @@ class Mesh:
         ]
 
     def _start(self, name: str, *cli: str) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", *cli], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
+        proc = spawn(name, list(cli), self.workdir).proc  # the tests' launcher: own session, one thread, log file
         self.procs.append(proc)
         return proc
 
