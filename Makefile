@@ -17,7 +17,9 @@ install: $(VENV)/.installed
 
 # Debian packages the tests use: a real browser for the status page test, promtool (package prometheus) for the
 # Prometheus config, alert rules and dashboard queries in docker/, podman (with runc and uidmap) and debootstrap to
-# build and run the images (tests/containers). kubectl, for `kubectl kustomize`, comes with the machine image.
+# build and run the images (tests/containers), netavark and aardvark-dns for the compose test's bridge network with
+# DNS between containers (Debian's podman does not depend on them). kubectl, for `kubectl kustomize`, comes with the
+# machine image.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
@@ -26,6 +28,8 @@ system-deps:
 	command -v runc >/dev/null 2>&1 || missing="$$missing runc"; \
 	command -v newuidmap >/dev/null 2>&1 || missing="$$missing uidmap"; \
 	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	test -x /usr/lib/podman/netavark || missing="$$missing netavark"; \
+	test -x /usr/lib/podman/aardvark-dns || missing="$$missing aardvark-dns"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -22,6 +22,8 @@ from tests.procs import REPO
 
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 BASE_IMAGE = "localhost/mesh-test-base:bookworm"
+# Test-only images (Dockerfile.NAME) for what docker/compose.yaml pulls and this machine cannot: never shipped.
+TEST_IMAGES = REPO / "tests" / "containers" / "images"
 _CONF_DIR = Path(tempfile.gettempdir()) / "mesh-test-containers"
 
 
@@ -38,10 +40,11 @@ def peer_stop_bound(matchmaking_time: float, averaging_timeout: float, shutdown_
 
 @functools.cache
 def podman_env() -> dict[str, str]:
-    """This machine's kernel refuses podman's default ulimits inside its sandbox; a containers.conf drops them."""
+    """This machine's kernel refuses podman's default ulimits inside its sandbox; a containers.conf drops them. It also
+    names the runtime and cgroup manager of ``PODMAN``, for the podman that podman-compose runs."""
     _CONF_DIR.mkdir(exist_ok=True)
     conf = _CONF_DIR / "containers.conf"
-    conf.write_text("[containers]\ndefault_ulimits = []\n")
+    conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n')
     return {**os.environ, "CONTAINERS_CONF": str(conf)}
 
 
@@ -120,7 +123,7 @@ def pip_build_options() -> list[str]:
     return options
 
 
-def build(target: str, tag: str) -> None:
+def _build(dockerfile: Path, context: Path, tag: str, *options: str) -> None:
     podman(
         "build",
         "--layers=false",
@@ -129,17 +132,26 @@ def build(target: str, tag: str) -> None:
         "--network",
         "host",
         "--file",
-        str(REPO / "docker" / "Dockerfile"),
-        "--target",
-        target,
+        str(dockerfile),
+        *options,
         "--tag",
         tag,
         "--build-arg",
         f"BASE_IMAGE={ensure_base_image()}",
         *pip_build_options(),
-        str(REPO),
+        str(context),
         timeout=1200,
     )
+
+
+def build(target: str, tag: str) -> None:
+    """One target of docker/Dockerfile, the shipped images."""
+    _build(REPO / "docker" / "Dockerfile", REPO, tag, "--target", target)
+
+
+def build_test_image(name: str, tag: str) -> None:
+    """``tests/containers/images/Dockerfile.NAME`` on the base image: a stand-in for an image that cannot be pulled."""
+    _build(TEST_IMAGES / f"Dockerfile.{name}", TEST_IMAGES, tag)
 
 
 def inspect(name: str) -> dict:

@@ -3,13 +3,13 @@ the regression task; their averaging rounds are checked through the coordinator'
 container stops with exit 0 inside its grace period; the bootstrap's identity survives a new container on its volume.
 
 Everything started and built here is removed at the end, except the debootstrap base image (the stand-in for a
-pulled ``python:3.11-slim``, kept like any pulled base). docs/deployment.md records how long this takes.
+pulled ``python:3.11-slim``, kept like any pulled base). The images are built once per session (``images`` in
+conftest.py, shared with test_compose.py). docs/deployment.md records how long this takes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 import uuid
@@ -30,33 +30,6 @@ GRACE = pm.peer_stop_bound(MATCHMAKING_TIME, AVERAGING_TIMEOUT, SHUTDOWN_TIMEOUT
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def images():
-    """Build both images from docker/Dockerfile; remove them (and their build stages) afterwards.
-    MESH_TEST_KEEP_IMAGES=1 keeps them and reuses them on the next run (a development aid: no rebuild)."""
-    keep = os.environ.get("MESH_TEST_KEEP_IMAGES") == "1"
-    built = {"mesh": "localhost/mesh-test:latest", "coordinator": "localhost/mesh-coordinator-test:latest"}
-    pm.ensure_base_image()
-    before = pm.image_ids()
-    seconds = {}
-    try:
-        for target, name in built.items():
-            if keep and pm.podman("image", "exists", name, check=False).returncode == 0:
-                continue
-            started = time.monotonic()
-            pm.build(target, name)
-            seconds[target] = round(time.monotonic() - started, 1)
-        print(f"\nbuild seconds: {seconds}")
-        yield built
-    finally:
-        if not keep:
-            for name in built.values():
-                pm.podman("rmi", "--force", name, check=False)
-            for image in pm.image_ids() - before:  # the build stages' untagged images
-                pm.podman("rmi", "--force", image, check=False)
-            assert pm.image_ids() <= before, "images built by the test were left behind"
 
 
 @pytest.fixture
