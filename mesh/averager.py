@@ -106,6 +106,12 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self.resync_wanted = True  # a new member asks its first group to average parameters
         self.gradient_wire_bytes = 0
         self.on_state_group: Callable[[int], None] | None = None  # told the size of a group that averages parameters
+        # this peer's epoch and samples/s, published with its batch size: members of a group plan the next epoch
+        # from each other's pace (mesh.epochplan), and a member that was behind the others catches up
+        self.local_epoch: Callable[[], int] | None = None
+        self.local_rate: Callable[[], float] | None = None
+        self.batch_size = 0  # of the last accumulated batch
+        self._last_round: tuple[dict, bool] | None = None  # the last ok round: gathered metadata, every live peer in
         self._round: StepControl | None = None
         self._in_step = False
         self.watcher = RoundWatcher(run_id)
@@ -126,6 +132,10 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
                 "dp": endpoint.to_wire() if endpoint is not None else None,
                 "resync": bool(self.resync_wanted),
                 "live": int(self._wanted_group_size.value),
+                # the group's members plan the next epoch from each other's pace (mesh.epochplan)
+                "epoch": int(self.local_epoch()) if self.local_epoch is not None else None,
+                "rate": float(self.local_rate()) if self.local_rate is not None else None,
+                "batch": int(self.batch_size),
             },
         )
         # no retry within a round: a collective that failed midway has left the buffer half-reduced, so the round
@@ -135,6 +145,15 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self._round = control
         self.watcher.watch(control)
         return control
+
+    def accumulate_grads_(self, batch_size: int) -> None:
+        super().accumulate_grads_(batch_size)
+        self.batch_size = batch_size
+
+    def take_group(self) -> tuple[dict, bool] | None:
+        """The last round's gathered metadata and whether every live peer was in, if it was ok (once)."""
+        group, self._last_round = self._last_round, None
+        return group
 
     def step(self, *args: Any, **kwargs: Any):
         self._in_step = True  # step() resets the accumulators itself: that is not the end of an epoch
@@ -160,6 +179,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         # every member sees the same gathered metadata, so the whole group takes the same decision, and averages
         # its parameters in a group of the same size
         self.wants_state_averaging = asked or len(gathered) < live
+        self._last_round = gathered, len(gathered) >= live
         if self.wants_state_averaging and self.on_state_group is not None:
             self.on_state_group(len(gathered))
 
@@ -173,7 +193,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self.last_outcome, self.wants_state_averaging = None, False
 
     def _record(self, outcome: str, size: int) -> None:
-        self.last_outcome, self.last_group_size = outcome, size
+        self.last_outcome, self.last_group_size, self._last_round = outcome, size, None
         self.rounds[outcome] += 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
         self.resync_wanted = outcome != "ok"

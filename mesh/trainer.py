@@ -25,12 +25,13 @@ import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
-from mesh import atomicfile, checkpoint, metrics
+from mesh import atomicfile, checkpoint, epochplan, metrics
 from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.errors import ConfigError, RunError
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
 from mesh.rounds import wire_bytes
 from mesh.tasks.base import Batch, Task
+from mesh.tracker import MeshProgressTracker
 
 logger = logging.getLogger(__name__)
 
@@ -95,39 +96,20 @@ def gradients_finite(model: torch.nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all())
 
 
-class ReportThrottle(threading.Event):
-    """Stands in for the progress tracker's "report now" event: hivemind sets it after every local step, and each
-    set becomes a DHT store (through the DHT process and the libp2p daemon, to every node holding the key). At tens
-    of steps a second that is most of the helpers' CPU. Waking at most every ``period`` seconds loses nothing: the
-    reporter sends the newest progress when it wakes, and peers extrapolate between reports from samples/s."""
-
-    def __init__(self, period: float) -> None:
-        super().__init__()
-        self.period, self._last = period, 0.0
-
-    def wait(self, timeout: float | None = None) -> bool:
-        pause = self._last + self.period - time.monotonic()
-        if pause > 0:
-            time.sleep(min(pause, timeout) if timeout is not None else pause)
-            timeout = None if timeout is None else max(0.0, timeout - pause)
-        woken = super().wait(timeout)
-        self._last = time.monotonic()
-        return woken
-
-
 class MeshOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with the mesh's averagers (:mod:`mesh.averager`): each round's group closes once every
     live peer is in, gradients move on torch's process groups, and parameters are averaged only when they can have
     drifted apart (a failed, partial or local-only round, a new member) and every ``state_every`` epochs."""
 
-    def __init__(self, *, state_every: int, report_period: float, **kwargs: Any) -> None:
+    tracker: MeshProgressTracker
+
+    def __init__(self, *, state_every: int, **kwargs: Any) -> None:
         self.state_every = state_every
         super().__init__(average_state_every=state_every, delay_state_averaging=False, **kwargs)
-        tracker = self.tracker
-        woken, tracker.should_report_progress = tracker.should_report_progress, ReportThrottle(report_period)
-        woken.set()  # the reporter is waiting on the old event; wake it once so that it picks up the new one
         if self.grad_averager is not None:
             self.grad_averager.on_state_group = self.state_averager.set_target_group_size
+            self.grad_averager.local_rate = lambda: self.tracker.performance_ema.samples_per_second
+            self.grad_averager.local_epoch = lambda: self.local_epoch
 
     @property
     def average_state_every(self) -> int:  # read by hivemind every epoch, right after the gradient round
@@ -137,6 +119,18 @@ class MeshOptimizer(hivemind.Optimizer):
     @average_state_every.setter
     def average_state_every(self, value: int) -> None:
         self.state_every = value
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> MeshProgressTracker:
+        # hivemind.Optimizer._make_progress_tracker with the class swapped (tests/unit/test_hivemind_api.py pins it)
+        return MeshProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     def _make_state_averager(self, **kwargs: Any) -> MeshStateAverager:
         # hivemind.Optimizer._make_state_averager with the class swapped (tests/unit/test_hivemind_api.py pins it)
@@ -161,7 +155,35 @@ class MeshOptimizer(hivemind.Optimizer):
         if self.grad_averager is not None:
             self.grad_averager.set_target_group_size(live)
         self.state_averager.set_target_group_size(live)
-        return super().step(*args, **kwargs)
+        epoch = self.local_epoch
+        result = super().step(*args, **kwargs)
+        if self.local_epoch != epoch and self.grad_averager is not None:
+            self._after_round(epoch, self.grad_averager.take_group())
+        return result
+
+    def _after_round(self, epoch: int, group: tuple[dict, bool] | None) -> None:
+        """After an ok round that ended ``epoch``: catch up if another member was in a later epoch; else, if every
+        live peer was in, plan this peer's share of the next epoch (:mod:`mesh.epochplan`)."""
+        if group is None:
+            return
+        gathered, complete = group
+        epochs = [data.get("epoch") for data in gathered.values() if isinstance(data, dict)]
+        ahead = max((e for e in epochs if isinstance(e, int)), default=epoch)
+        if ahead > epoch:
+            # hivemind checks the epoch against the swarm's once per epoch, from progress reports that may not
+            # show the others' new epoch yet; a member behind would then count its epochs one short of theirs for
+            # good (ending each epoch early to catch up, in the same rounds): it takes the newest state instead
+            logger.info("behind the group's epoch mine=%d group=%d; taking the newest state", epoch, ahead)
+            self.load_state_from_peers()
+            return
+        members = epochplan.members_from_gathered(gathered) if complete else None
+        me = str(self.dht.peer_id)
+        if not members or me not in {member.key for member in members}:
+            return
+        steps = epochplan.plan_steps(members, self.target_batch_size)
+        batch = next(member.batch_size for member in members if member.key == me)
+        self.tracker.plan_epoch(self.local_epoch, steps[me] * batch, len(members))
+        logger.debug("epoch plan epoch=%d steps=%d samples=%d", self.local_epoch, steps[me], steps[me] * batch)
 
     @property
     def rounds(self) -> dict[str, int]:
@@ -170,11 +192,6 @@ class MeshOptimizer(hivemind.Optimizer):
     @property
     def last_group_size(self) -> int:
         return self.grad_averager.last_group_size if self.grad_averager is not None else 0
-
-    def refresh_progress(self) -> None:
-        """Ask the progress tracker to re-read the swarm's progress from the DHT now, not on its own schedule."""
-        self.tracker.global_progress.next_fetch_time = 0.0
-        self.tracker.global_state_updated.set()
 
     def load_state_from_peers(self, **kwargs) -> None:
         started, before = time.perf_counter(), self.local_epoch
@@ -200,6 +217,7 @@ class Progress:
     epoch: int = 0
     local_steps: int = 0
     samples: int = 0
+    epoch_samples: int = 0  # this peer's samples in the last epoch
     loss: float = float("nan")
     global_samples_per_second: float = 0.0
     last_group_size: int = 0
@@ -210,6 +228,7 @@ class Progress:
     data_plane_fallbacks: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
+    _epoch_first_sample: int = 0
 
     def snapshot(self, **extra: Any) -> dict[str, Any]:
         public = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -273,14 +292,13 @@ class Trainer:
             state_averaging_compression=compression,
             # local updates: parameters are all there is to average, every epoch
             state_every=1 if record.averaging == "local" else record.average_state_every,
-            report_period=PROGRESS_REPORT_PERIOD,
             # a peer that stopped reporting (killed, stopped, partitioned) leaves the live count, and so the size a
             # group waits for, this many seconds after its last report
             # hivemind re-reads the swarm's progress at most every 10 s by default, sooner only when its (first,
             # start-up-slow) estimate says the epoch ends sooner; with epochs of a second or two a peer then counts
             # only its own samples and every epoch grows to peers x target. Re-read at least every 2 s, and
             # at the start of every epoch (_on_new_epoch).
-            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION, "max_refresh_period": 2.0},
+            tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION, "max_refresh_period": 2.0, "report_period": PROGRESS_REPORT_PERIOD},
             client_mode=client_mode,
             verbose=False,
         )
@@ -371,13 +389,14 @@ class Trainer:
             self._on_new_epoch()
 
     def _on_new_epoch(self) -> None:
-        self.opt.refresh_progress()
+        self.opt.tracker.refresh()
         now, p = time.monotonic(), self.progress
         epochs_advanced = max(1, self.opt.local_epoch - p.epoch)
         self._epoch_times.append((now - p._epoch_started) / epochs_advanced)
         recent = self._epoch_times[-5:]
         p.global_samples_per_second = self.record.target_batch_size / (sum(recent) / len(recent))
         p.epoch, p._epoch_started = self.opt.local_epoch, now
+        p.epoch_samples, p._epoch_first_sample = p.samples - p._epoch_first_sample, p.samples
         if p._epoch_losses:
             p.loss = sum(p._epoch_losses) / len(p._epoch_losses)
             p._epoch_losses = []
@@ -433,7 +452,7 @@ class Trainer:
         if seen >= count and not stop.is_set():
             self.step()
             while not stop.is_set() and time.monotonic() < deadline:
-                self.opt.refresh_progress()
+                self.opt.tracker.refresh()
                 seen = self.opt.tracker.global_progress.num_peers
                 if seen >= count:
                     logger.info("peers ready peers=%d", seen)
@@ -481,12 +500,14 @@ class Trainer:
     def log_progress(self) -> None:
         p = self.progress
         logger.info(
-            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d rounds_ok=%d rounds_failed=%d nonfinite_skips=%d",
+            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d epoch_samples=%d rounds_ok=%d rounds_failed=%d "
+            "nonfinite_skips=%d",
             p.epoch,
             p.loss,
             p.global_samples_per_second,
             p.last_group_size,
             p.local_steps,
+            p.epoch_samples,
             self.opt.rounds.get("ok", 0),
             self.opt.rounds.get("failed", 0),
             p.nonfinite_skips,

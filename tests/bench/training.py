@@ -15,6 +15,9 @@ alike in every setup:
   the machine's CPU each kind of process used over the window (psutil): the trainers (the peers' main processes),
   their helpers (DHT, averagers, libp2p daemons) and the bootstrap (with its daemon).
 
+DDP_eq and the mesh run ``--repeats`` times (3), alternating, and ``mesh/ddp_eq`` is the median of the back-to-back
+pairs' ratios: one 30-s window varies by about 10 % here, and the machine drifts between setups.
+
 Then the straggler case (``--straggler``): three peers; after a healthy window, one peer's whole process group is
 SIGSTOPped for ``--stop-seconds`` (45): the survivors' epoch rate over the stop, and over the part of it after one
 averaging timeout, against the healthy rate.
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=CASES, help="TASK:TARGET_BATCH_SIZE, comma-separated")
     parser.add_argument("--batch-size", type=int, default=None, help="per process and step (the task's default)")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window per setup")
+    parser.add_argument("--repeats", type=int, default=3, help="back-to-back DDP_eq / mesh pairs per case (median)")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (plain, DDP)")
     parser.add_argument("--warmup-epochs", type=int, default=3, help="mesh: epochs before the window")
     parser.add_argument("--threads", type=int, default=1)
@@ -299,22 +304,42 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
     for case in parse_cases(args.cases):
         plain, seconds_per_batch = run_plain(case, args)
+        ddp_step = run_ddp(case, args, seconds_per_batch, equal_batch=False)
+        # the fair pair, alternated: a single 30-s window of one setup varies by about 10 % on this machine, and
+        # the machine drifts between setups; the ratio of each back-to-back pair, then the median of the pairs
+        pairs, cpus = [], []
+        for _ in range(args.repeats):
+            ddp_eq = run_ddp(case, args, seconds_per_batch, equal_batch=True)
+            mesh, cpu = run_mesh(case, args)
+            pairs.append((ddp_eq, mesh))
+            cpus.append(cpu)
+        pair_ratios = [mesh / ddp_eq for ddp_eq, mesh in pairs]
         results = {
             "plain": plain,
-            "ddp_eq": run_ddp(case, args, seconds_per_batch, equal_batch=True),
-            "ddp_step": run_ddp(case, args, seconds_per_batch, equal_batch=False),
+            "ddp_eq": statistics.median(ddp_eq for ddp_eq, _ in pairs),
+            "ddp_step": ddp_step,
+            "mesh": statistics.median(mesh for _, mesh in pairs),
         }
-        results["mesh"], cpu = run_mesh(case, args)
         ratios = {
-            "mesh/ddp_eq": results["mesh"] / results["ddp_eq"],
+            "mesh/ddp_eq": statistics.median(pair_ratios),
             "mesh/plain": results["mesh"] / results["plain"],
             "ddp_eq/plain": results["ddp_eq"] / results["plain"],
             "mesh/ddp_step": results["mesh"] / results["ddp_step"],
         }
-        report["cases"][case["name"]] = {"samples_per_second": results, "ratios": ratios, "mesh_cpu_share": cpu}
-        print(f"{case['name']}: threads={args.threads} seconds={args.seconds:g} (2 processes each but plain)", flush=True)
-        print("  " + " ".join(f"{k}={v:.1f}" for k, v in results.items()) + " samples/s")
+        cpu = {kind: statistics.median(c[kind] for c in cpus) for kind in cpus[0]}
+        report["cases"][case["name"]] = {
+            "samples_per_second": results,
+            "ratios": ratios,
+            "pairs": [{"ddp_eq": ddp_eq, "mesh": mesh, "mesh/ddp_eq": mesh / ddp_eq} for ddp_eq, mesh in pairs],
+            "mesh_cpu_share": cpu,
+        }
+        print(
+            f"{case['name']}: threads={args.threads} seconds={args.seconds:g} repeats={args.repeats} (2 processes each but plain)",
+            flush=True,
+        )
+        print("  " + " ".join(f"{k}={v:.1f}" for k, v in results.items()) + " samples/s (medians)")
         print("  ratio: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()) + "  (target mesh/ddp_eq >= 0.9)")
+        print("  mesh/ddp_eq of each pair: " + " ".join(f"{r:.2f}" for r in pair_ratios), flush=True)
         print("  mesh CPU share of the machine: " + " ".join(f"{k}={v:.0%}" for k, v in cpu.items()), flush=True)
     if args.straggler:
         straggler = run_straggler(args)

@@ -90,6 +90,35 @@ def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_pr
     assert eval_loss(final) < 0.5 * start
 
 
+def test_peers_of_different_speed_split_each_epoch_to_finish_it_together(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """After a complete round the group plans the next epoch (mesh/epochplan.py): each peer's share of the target in
+    proportion to its speed, the target met to the sample. hivemind's own rule (each peer stops when its estimate of
+    the swarm's samples reaches the target) overshoots by up to a step per peer and splits by when reports arrive."""
+    epochs = 10
+    peers = [
+        mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--max-epochs", str(epochs), "--min-peers", "2", "--min-step-time", step))
+        for n, step in (("fast", "0.1"), ("slow", "0.2"))
+    ]
+    for peer in peers:
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    assert_same_parameters(*peers)
+    # each progress line of a new epoch says how many samples this peer gave to the epoch that just ended
+    shares = [
+        {int(epoch) - 1: int(samples) for epoch, samples in re.findall(r"progress epoch=(\d+) .*?epoch_samples=(\d+)", peer.output())}
+        for peer in peers
+    ]
+    # epoch 0 ends by hivemind's estimate (there was no round before it), every later one by the plan
+    planned = [epoch for epoch in range(1, epochs) if all(epoch in share for share in shares)]
+    assert len(planned) >= epochs - 3, shares
+    for epoch in planned:
+        assert shares[0][epoch] + shares[1][epoch] == 512, (epoch, shares)  # the run's target batch, exactly
+    # once the speeds are measured (hivemind's EMA of samples/s starts from the slow first steps), the split
+    # follows them: twice the speed, twice the share; 2/3 of 32 steps of 16 is 21.3, so 21 or 22 steps
+    batch = 16  # the regression task's
+    for epoch in planned[-3:]:
+        assert shares[0][epoch] // batch in (21, 22) and shares[1][epoch] // batch in (10, 11), (epoch, shares)
+
+
 def test_a_peer_without_the_data_plane_averages_through_hivemind(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     """A group with a member that offers no data plane (--data-plane hivemind) uses hivemind's all-reduce."""
     peers = [

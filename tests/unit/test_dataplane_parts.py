@@ -8,7 +8,7 @@ import time
 
 from mesh.dataplane import Endpoint, GroupCache, digest, membership
 from mesh.dht import data_plane_host
-from mesh.trainer import ReportThrottle
+from mesh.tracker import ReportThrottle
 
 
 def test_endpoint_round_trips_and_refuses_malformed_values() -> None:

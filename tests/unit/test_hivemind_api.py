@@ -97,8 +97,29 @@ def test_matchmaking_closes_a_group_at_target_group_size() -> None:
     assert "self.target_group_size" in source(GroupKeyManager.update_key_on_group_assembled)
 
 
+def test_optimizer_builds_its_progress_tracker_in_the_method_the_mesh_overrides() -> None:
+    # MeshOptimizer._make_progress_tracker copies the body of this method with its class swapped
+    body = source(hivemind.Optimizer._make_progress_tracker)
+    for argument in ("prefix=self.run_id", "target_batch_size=target_batch_size", "client_mode=self.client_mode", "start=True"):
+        assert argument in body, f"hivemind.Optimizer._make_progress_tracker no longer passes {argument}"
+    assert "self._make_progress_tracker(" in source(hivemind.Optimizer.__init__)
+
+
+def test_the_epoch_ends_where_the_planned_tracker_says() -> None:
+    # MeshProgressTracker overrides these two properties; hivemind must still decide the epoch and matchmaking by them
+    assert isinstance(ProgressTracker.ready_to_update_epoch, property)
+    assert isinstance(ProgressTracker.estimated_next_update_time, property)
+    assert "if self.tracker.ready_to_update_epoch:" in source(hivemind.Optimizer.step)
+    assert "self.tracker.estimated_next_update_time" in source(hivemind.Optimizer._maybe_schedule_gradient_averaging)
+    assert "self.local_progress.samples_accumulated" in source(ProgressTracker.report_local_progress)
+    assert "samples_per_second" in source(ProgressTracker._get_local_progress)  # the pace the plan publishes
+
+
 def test_progress_tracker_names_the_trainer_uses() -> None:
     assert "metadata_expiration" in parameters(ProgressTracker.__init__)
+    init = source(ProgressTracker.__init__)
+    # MeshProgressTracker swaps the event before the thread starts, so it needs both to be made in __init__
+    assert "self.should_report_progress" in init and "if start:" in init and "start" in parameters(ProgressTracker.__init__)
     reporter = source(ProgressTracker._progress_reporter)
     assert "self.should_report_progress.wait" in reporter  # ReportThrottle stands in for this event
     assert "self.should_report_progress.set()" in source(ProgressTracker.report_local_progress)
