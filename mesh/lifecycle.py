@@ -21,9 +21,11 @@ def install_stop_handlers(stop: threading.Event | None = None) -> threading.Even
 
     def handle(signum: int, _frame) -> None:
         if os.getpid() != owner:
-            # a forked helper (hivemind's DHT and averagers fork) inherited this handler: behave as if it had none
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            # a forked helper (hivemind's DHT and averagers fork) inherited this handler. Ctrl-C in a terminal, and
+            # systemd's stop, signal the whole process group: a helper that died of it left the training process
+            # waiting forever on its round. The helper stays, and its owner shuts it down in its bounded leave
+            # (reaping whatever is left, kill_descendants).
+            signal.signal(signum, signal.SIG_IGN)
             return
         if stop.is_set():
             logger.warning("second signal=%s, exiting now", signal.Signals(signum).name)

@@ -85,6 +85,9 @@ def run(config: PeerConfig) -> int:
             if config.data_plane != "gloo"
             else data_plane_host(config.data_plane_host, config.host, config.announce, dht),
         )
+        # hivemind's averagers set SIGINT to "ignore" in this process as they start (DecentralizedAverager.
+        # run_in_background), so Ctrl-C did nothing: take the signals back
+        lifecycle.install_stop_handlers(stop)
         keeper = RecordKeeper(dht, record, trainer.presence)
         keeper.start()
         if coordinator is not None:

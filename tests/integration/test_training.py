@@ -180,6 +180,34 @@ def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, me
     assert (peer.checkpoint_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_whole_process_group_still_leaves_cleanly(signum, bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the peer's whole process group, and systemd's default stop sends SIGTERM to the
+    whole cgroup: hivemind's helper processes get it too. Seen before the fix: SIGINT did nothing at all (hivemind's
+    averagers set it to "ignore" in the training process), and with SIGTERM the helpers died under the training
+    process, which then waited forever on its state averager's round."""
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, "--min-peers", "2", "--shutdown-timeout", "15")) for n in ("a", "b")]
+    for peer in peers:
+        peer.wait_epoch(3, timeout=150)
+    for peer in peers:
+        peer.remember_descendants()
+    started = time.monotonic()
+    for peer in peers:  # both at once, as a shell's job control or `systemctl stop` of both does
+        os.killpg(peer.proc.pid, signum)
+    bound = 2 * (1 + 10) + 15 + 6  # a step in a gradient and a parameter round, the leave, reaping (tests/containers/podman.py)
+    for peer in peers:
+        assert wait_exit(peer, bound + 10) == 0, peer.output()[-3000:]
+        status = peer.status()
+        assert status["state"] == "left", status
+        saved = torch.load(peer.checkpoint_dir / "checkpoint.pt", weights_only=False)
+        assert saved["epoch"] == status["epoch"] >= 3  # the final checkpoint: nothing trained is lost
+    assert time.monotonic() - started < bound
+    deadline = time.monotonic() + 10
+    while any(alive(peer.descendants) for peer in peers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(peer.descendants) for peer in peers)
+
+
 def test_nan_gradient_is_never_sent_nor_applied(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     faulty = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "3", "--fault-nan-step", "3", "--min-peers", "2"))
     healthy = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--max-epochs", "3", "--min-peers", "2"))
