@@ -176,7 +176,14 @@ class MeshOptimizer(hivemind.Optimizer):
             logger.info("behind the group's epoch mine=%d group=%d; taking the newest state", epoch, ahead)
             self.load_state_from_peers()
             return
-        members = epochplan.members_from_gathered(gathered) if complete else None
+        # plan only in a settled group: every live peer in, all in the same epoch, nobody new or drifted (a member
+        # that asks to resync is joining or recovering; hivemind's estimate decides while it does)
+        settled = (
+            complete
+            and all(e == epoch for e in epochs)
+            and not any(data.get("resync") for data in gathered.values() if isinstance(data, dict))
+        )
+        members = epochplan.members_from_gathered(gathered) if settled else None
         me = str(self.dht.peer_id)
         if not members or me not in {member.key for member in members}:
             return
