@@ -107,9 +107,10 @@ def test_peers_of_different_speed_split_each_epoch_to_finish_it_together(bootstr
         {int(epoch) - 1: int(samples) for epoch, samples in re.findall(r"progress epoch=(\d+) .*?epoch_samples=(\d+)", peer.output())}
         for peer in peers
     ]
-    # epoch 0 ends by hivemind's estimate (there was no round before it), every later one by the plan
-    planned = [epoch for epoch in range(1, epochs) if all(epoch in share for share in shares)]
-    assert len(planned) >= epochs - 3, shares
+    # epochs 0 and 1 end by hivemind's estimate (no round before the first; in the first, both members are new and
+    # ask to resync, so the group is not settled), every later one by the plan
+    planned = [epoch for epoch in range(2, epochs) if all(epoch in share for share in shares)]
+    assert len(planned) >= epochs - 4, shares
     for epoch in planned:
         assert shares[0][epoch] + shares[1][epoch] == 512, (epoch, shares)  # the run's target batch, exactly
     # once the speeds are measured (hivemind's EMA of samples/s starts from the slow first steps), the split
