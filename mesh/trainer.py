@@ -162,8 +162,9 @@ class MeshOptimizer(hivemind.Optimizer):
         return result
 
     def _after_round(self, epoch: int, group: tuple[dict, bool] | None) -> None:
-        """After an ok round that ended ``epoch``: catch up if another member was in a later epoch; else, if every
-        live peer was in, plan this peer's share of the next epoch (:mod:`mesh.epochplan`)."""
+        """After an ok round that ended ``epoch``: catch up if another member was in a later epoch; else, if the
+        group was settled (every live peer in, one epoch, nobody asking to resync), plan this peer's share of the
+        next epoch (:mod:`mesh.epochplan`)."""
         if group is None:
             return
         gathered, complete = group
