@@ -1,18 +1,24 @@
 """The mesh's averagers: hivemind's gradient and state averagers with groups that close as soon as everyone is in,
-the gradient all-reduce on torch's process groups (:mod:`mesh.dataplane`), and each round's outcome counted.
+the gradient all-reduce on torch's process groups (:mod:`mesh.dataplane`) in the training process, standing groups
+that skip matchmaking while nothing changes, and each round's outcome counted.
 
 hivemind closes a matchmaking group early only when it reaches ``target_group_size``; otherwise every round waits
 the full matchmaking time. The right size is the number of live peers of the run, which changes, while the
 matchmaker lives in the averager's own process. So the trainer writes the wanted size into shared memory before
 each round and the averager's process applies it when the round begins (:class:`GroupSizeMixin`).
 
-Gradient rounds (:class:`MeshGradientAverager`, plugged in through ``hivemind.Optimizer(grad_averager_factory=)``):
-each member publishes its data-plane endpoint in the group's gathered metadata, and ``_aggregate_with_group`` (the
-extension point hivemind's own PowerSGD averager overrides) averages through a cached ``ProcessGroupGloo``. A group
-in which some member offers no endpoint (``--data-plane hivemind``, a client-mode peer behind NAT, an older
-version) uses hivemind's all-reduce, as does a round whose process group cannot be built (counted). A collective
-that fails (a member died or stalled) fails the round within the averaging timeout: hivemind then steps with the
-local gradient, as before, and the next round rebuilds the process group.
+Gradient rounds (:class:`MeshGradientAverager`, plugged in through ``hivemind.Optimizer(grad_averager_factory=)``)
+are :class:`~mesh.planeround.PlaneRound` handles, run on one thread of the training process:
+- **matched**: hivemind's matchmaking (in the averager's process) finds the group, with every member's data-plane
+  endpoint in the gathered metadata; ``_aggregate_with_group`` (the extension point hivemind's own PowerSGD
+  averager overrides) then hands the group back instead of averaging, and the training process averages through
+  the group's cached process group. A group in which some member offers no endpoint (``--data-plane hivemind``, a
+  client-mode peer behind NAT, an older version) is averaged by hivemind's all-reduce in the averager's process.
+- **standing**: after an ok round in a settled group (every live peer in, one epoch, nobody new, drifted or
+  leaving), the next round skips matchmaking altogether and runs on the same process group. Every member decides
+  this from the same table (the round's exchange, :func:`mesh.dataplane.exchange`), so all skip or none does.
+A collective that fails (a member died, stalled or left) fails the round within the averaging timeout: hivemind
+then steps with the local gradient, as before, and the next round goes through matchmaking again.
 
 The host side counts each epoch's outcome through the public methods hivemind.Optimizer calls on its gradient
 averager: ``schedule_step`` (a round begins), ``notify_used_averaged_gradients`` (its result was used or replaced
@@ -21,12 +27,16 @@ by the local gradient) and ``reset_accumulated_grads_`` (the epoch is over).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
+import gc
 import logging
+import math
 import multiprocessing as mp
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -36,12 +46,16 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.utils.asyncio import enter_asynchronously
+from hivemind.p2p import PeerID
 
 from mesh import asyncio_guard, dataplane, metrics
+from mesh.planeround import PlaneRound
 from mesh.rounds import RoundWatcher, record_traffic
 
 logger = logging.getLogger(__name__)
+# A process group that became garbage must be freed in the process whose threads it owns: collected in a forked
+# child (hivemind forks its helpers), its destructor waits forever on threads the child does not have
+os.register_at_fork(before=gc.collect)
 asyncio_guard.install()  # hivemind's fire-and-forget tasks, in the averagers' processes too (see mesh/asyncio_guard.py)
 
 OUTCOMES = ("ok", "failed", "local_only")
@@ -72,6 +86,48 @@ class MeshStateAverager(GroupSizeMixin, TrainingStateAverager):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round."""
 
 
+@dataclass(frozen=True)
+class Match:
+    """What the averager's process hands back for a data-plane group: the training process averages."""
+
+    group_id: bytes
+    gathered: dict  # peer id -> the member's gathered metadata
+
+
+# a member's row in a round's exchange (float64 each); "resync" and "leaving" are 0 or 1, "epoch" -1 when unknown
+ROW = ("weight", "epoch", "rate", "batch", "live", "resync", "leaving")
+PAUSE_AFTER_FAILED_BUILD = 10  # rounds on hivemind's all-reduce after a process group could not be built
+
+
+def decode_row(row: list[float]) -> dict:
+    data = dict(zip(ROW, row))
+    return {
+        "weight": data["weight"],
+        "epoch": int(data["epoch"]) if data["epoch"] >= 0 else None,
+        "rate": data["rate"],
+        "batch": int(data["batch"]),
+        "live": int(data["live"]),
+        "resync": bool(data["resync"]),
+        "leaving": bool(data["leaving"]),
+    }
+
+
+def settled(gathered: dict) -> bool:
+    """Whether a round's group was settled: every live peer in, all in one epoch, nobody new, drifted or leaving.
+    Every member sees the same metadata, so all members decide alike."""
+    rows = [data for data in gathered.values() if isinstance(data, dict)]
+    if len(rows) != len(gathered) or not rows:
+        return False
+    live = max(int(data.get("live") or 0) for data in rows)
+    epochs = {data.get("epoch") for data in rows}
+    return (
+        len(rows) >= live
+        and len(epochs) == 1
+        and None not in epochs
+        and not any(data.get("resync") or data.get("leaving") for data in rows)
+    )
+
+
 class MeshGradientAverager(GroupSizeMixin, GradientAverager):
     def __init__(
         self, parameters: Iterable[torch.nn.Parameter], *, run_id: str, compression_name: str, data_plane_host: str | None, **kwargs: Any
@@ -80,15 +136,9 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         # the wire format on its own all-reduce and, for 8bit, on the data plane too
         self.run_id, self.compression_name, self.codec = run_id, compression_name, kwargs.get("compression")
         self.data_plane_host = data_plane_host
-        self._last_group = mp.Value(ctypes.c_uint64, 0, lock=False)  # the averager's process writes, the host reads
-        self._fallbacks = mp.Value(ctypes.c_int, 0, lock=False)  # rounds that used hivemind's all-reduce
-        self._builds = mp.Value(ctypes.c_int, 0, lock=False)  # process groups built
         self._timeout = kwargs.get("allreduce_timeout") or 30.0
         # the averaged gradients are views of one flat shared buffer: the data plane reduces it in place
         self._flat = None
-        # set before super().__init__ forks the averager's process: everything after exists in this process only
-        self._executor: ThreadPoolExecutor | None = None  # created in the averager's process, on first use
-        self._groups: dataplane.GroupCache | None = None
         parameters = tuple(parameters)
         if data_plane_host is not None:
             if kwargs.get("averaged_grads"):
@@ -96,14 +146,23 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
             self._flat, views = dataplane.flat_views([torch.zeros_like(p, device="cpu") for p in parameters])
             kwargs["averaged_grads"] = views
         super().__init__(parameters, **kwargs)
-        # the rendezvous store lives in this (the training) process, created after the averager's process forked
+        # everything below exists in the training process only: the averager's process forked above
         self._store = dataplane.StoreHost(data_plane_host, self._timeout) if data_plane_host is not None else None
+        self._groups = dataplane.GroupCache(data_plane_host, self._timeout) if data_plane_host is not None else None
+        # the data plane's one thread: collectives run in order, off the training thread (hivemind's wait=False)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane") if data_plane_host is not None else None
+        self._standing: tuple[Any, list[PeerID]] | None = None  # (process group, members in rank order)
+        self._plane_paused = 0  # rounds left on hivemind's all-reduce after a failed build
+        self.data_plane_builds = 0  # process groups built
+        self.data_plane_fallbacks = 0  # process groups that could not be built
+        self.standing_rounds = 0  # ok rounds that skipped matchmaking
 
         self.rounds = {outcome: 0 for outcome in OUTCOMES}
         self.last_outcome: str | None = None
         self.last_group_size = 0
         self.wants_state_averaging = False
         self.resync_wanted = True  # a new member asks its first group to average parameters
+        self.leaving = False  # set when this peer shuts down: its last round tells the group
         self.gradient_wire_bytes = 0
         self.on_state_group: Callable[[int], None] | None = None  # told the size of a group that averages parameters
         # this peer's epoch and samples/s, published with its batch size: members of a group plan the next epoch
@@ -111,8 +170,8 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self.local_epoch: Callable[[], int] | None = None
         self.local_rate: Callable[[], float] | None = None
         self.batch_size = 0  # of the last accumulated batch
-        self._last_round: tuple[dict, bool] | None = None  # the last ok round: gathered metadata, every live peer in
-        self._round: StepControl | None = None
+        self._last_round: tuple[dict, bool] | None = None  # the last ok round: gathered metadata, settled
+        self._round: StepControl | PlaneRound | None = None
         self._in_step = False
         self.watcher = RoundWatcher(run_id)
         self.watcher.start()
@@ -120,28 +179,48 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
     # ---- host side: gathered metadata and the round's outcome ----
 
     def endpoint(self) -> dataplane.Endpoint | None:
-        if self._store is None:
+        if self._store is None or self._plane_paused > 0:
             return None
-        return dataplane.Endpoint(self.data_plane_host, self._store.port, int(self._last_group.value))
+        return dataplane.Endpoint(self.data_plane_host, self._store.port, self._groups.current)
 
-    def schedule_step(self, scheduled_time: float | None = None, **kwargs: Any) -> StepControl:
+    def _metadata(self) -> dict:
         endpoint = self.endpoint()
-        kwargs.setdefault(
-            "gather",
-            {
-                "dp": endpoint.to_wire() if endpoint is not None else None,
-                "resync": bool(self.resync_wanted),
-                "live": int(self._wanted_group_size.value),
-                # the group's members plan the next epoch from each other's pace (mesh.epochplan)
-                "epoch": int(self.local_epoch()) if self.local_epoch is not None else None,
-                "rate": float(self.local_rate()) if self.local_rate is not None else None,
-                "batch": int(self.batch_size),
-            },
-        )
-        # no retry within a round: a collective that failed midway has left the buffer half-reduced, so the round
-        # fails and hivemind steps with the local gradient (the accumulators are intact)
-        kwargs.setdefault("allow_retries", self._store is None)
-        control = super().schedule_step(scheduled_time, **kwargs)
+        return {
+            "dp": endpoint.to_wire() if endpoint is not None else None,
+            "resync": bool(self.resync_wanted),
+            "live": int(self._wanted_group_size.value),
+            # the group's members plan the next epoch from each other's pace (mesh.epochplan)
+            "epoch": int(self.local_epoch()) if self.local_epoch is not None else None,
+            "rate": float(self.local_rate()) if self.local_rate is not None else None,
+            "batch": int(self.batch_size),
+        }
+
+    def _row(self, weight: float) -> list[float]:
+        data = self._metadata()
+        epoch, rate = data["epoch"], data["rate"]
+        return [
+            float(weight),
+            float(epoch) if epoch is not None else -1.0,
+            float(rate) if rate is not None and math.isfinite(rate) else 0.0,
+            float(data["batch"]),
+            float(data["live"]),
+            float(data["resync"]),
+            float(self.leaving),
+        ]
+
+    def schedule_step(self, scheduled_time: float | None = None, **kwargs: Any) -> StepControl | PlaneRound:
+        control: StepControl | PlaneRound
+        if self._executor is not None and self._standing is not None:
+            control = PlaneRound(partial(self._reduce, *self._standing, {}), self._executor)
+        else:
+            kwargs.setdefault("gather", self._metadata())
+            # no retry within a round: a collective that failed midway has left the buffer half-reduced, so the
+            # round fails and hivemind steps with the local gradient (the accumulators are intact)
+            kwargs.setdefault("allow_retries", self._store is None)
+            control = super().schedule_step(scheduled_time, **kwargs)
+            if self._executor is not None:
+                self._plane_paused = max(0, self._plane_paused - 1)
+                control = PlaneRound(self._matched, self._executor, inner=control)
         self._round = control
         self.watcher.watch(control)
         return control
@@ -151,7 +230,7 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         self.batch_size = batch_size
 
     def take_group(self) -> tuple[dict, bool] | None:
-        """The last round's gathered metadata and whether every live peer was in, if it was ok (once)."""
+        """The last round's gathered metadata and whether its group was settled, if it was ok (once)."""
         group, self._last_round = self._last_round, None
         return group
 
@@ -174,12 +253,21 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
             self._record("failed", 1)
             return
         self._record("ok", len(gathered))
-        asked = any(isinstance(g, dict) and g.get("resync") for g in gathered.values())
-        live = max([g.get("live", 0) for g in gathered.values() if isinstance(g, dict)], default=0)
-        # every member sees the same gathered metadata, so the whole group takes the same decision, and averages
-        # its parameters in a group of the same size
+        rows = [data for data in gathered.values() if isinstance(data, dict)]
+        asked = any(data.get("resync") for data in rows)
+        live = max([int(data.get("live") or 0) for data in rows], default=0)
+        # every member sees the same gathered metadata, so the whole group takes the same decisions: whether to
+        # average parameters (in a group of the same size), and whether the next round skips matchmaking
         self.wants_state_averaging = asked or len(gathered) < live
-        self._last_round = gathered, len(gathered) >= live
+        calm = settled(gathered)
+        self._last_round = gathered, calm
+        plane = getattr(control, "group", None)  # set when the round ran on the data plane
+        if isinstance(control, PlaneRound):
+            control.group = None
+        if calm and plane is not None:
+            self._standing = plane
+        if isinstance(control, PlaneRound) and control.inner is None:
+            self.standing_rounds += 1
         if self.wants_state_averaging and self.on_state_group is not None:
             self.on_state_group(len(gathered))
 
@@ -192,8 +280,12 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         # the epoch's parameter-averaging decision has been taken; a drift shows in the next round's "resync"
         self.last_outcome, self.wants_state_averaging = None, False
 
+    def leave_standing_group(self) -> None:
+        """The next round goes through matchmaking (this peer took the newest state, or is leaving)."""
+        self._standing = None
+
     def _record(self, outcome: str, size: int) -> None:
-        self.last_outcome, self.last_group_size, self._last_round = outcome, size, None
+        self.last_outcome, self.last_group_size, self._last_round, self._standing = outcome, size, None, None
         self.rounds[outcome] += 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
         self.resync_wanted = outcome != "ok"
@@ -205,72 +297,82 @@ class MeshGradientAverager(GroupSizeMixin, GradientAverager):
         if outcome == "failed":
             logger.warning("averaging round failed; stepped with the local gradient")
 
-    @property
-    def data_plane_fallbacks(self) -> int:
-        return self._fallbacks.value
-
-    @property
-    def data_plane_builds(self) -> int:
-        return self._builds.value
-
     def shutdown(self) -> None:
         self.watcher.stop()
         super().shutdown()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            # the others' next collective with this peer fails at once (closed connections), not at the timeout
+            self._standing = None
+            self._groups.drop()
         if self._store is not None:
             self._store.close()
             self._store = None
 
-    # ---- the averager's process: the all-reduce itself ----
+    # ---- the training process's data-plane thread: the collectives ----
 
-    def _members(self, group_info: GroupInfo) -> tuple[list[tuple[bytes, dataplane.Endpoint]] | None, dict]:
-        """(peer id, endpoint) of every member, or None when some member cannot use the data plane; and every
-        member's gathered metadata by peer id (what the round returns), decoded once."""
-        members: list[tuple[bytes, dataplane.Endpoint]] | None = []
+    def _matched(self, round_: PlaneRound) -> dict:
+        """A round whose group hivemind's matchmaking found: average on its process group (built or reused)."""
+        assert round_.inner is not None
+        match = round_.inner.result(self._timeout)
+        if not isinstance(match, Match):
+            return match  # some member has no data plane: hivemind's all-reduce averaged in the averager's process
+        members = [(peer.to_bytes(), dataplane.Endpoint.from_wire(data["dp"])) for peer, data in match.gathered.items()]
+        builds = self._groups.builds
+        try:
+            group, _rank = self._groups.get(members, self.peer_id.to_bytes(), match.group_id)
+        except Exception as err:
+            # every member fails to rendezvous alike (same store, same timeout), so all leave the data plane alike
+            self._groups.drop()
+            self.data_plane_fallbacks += 1
+            self._plane_paused = PAUSE_AFTER_FAILED_BUILD
+            logger.warning(
+                "data plane: process group not built (%s); this round fails, the next %d use hivemind's all-reduce",
+                err,
+                PAUSE_AFTER_FAILED_BUILD,
+            )
+            raise MatchmakingException(f"data plane: process group not built: {err}") from None
+        self.data_plane_builds += self._groups.builds - builds
+        ranked = sorted(match.gathered, key=lambda peer: peer.to_bytes())  # the process group's rank order
+        return self._reduce(group, ranked, match.gathered, round_)
+
+    def _reduce(self, group: Any, ranked: list[PeerID], gathered: dict, round_: PlaneRound) -> dict:
+        """Exchange the members' rows, then average the gradients in place; returns the round's metadata by peer."""
+        round_.reducing = True
+        started = time.perf_counter()
+        try:
+            with self.get_tensors() as tensors:
+                rows = dataplane.exchange(group, self._row(round_.weight))
+                total = sum(row[0] for row in rows)
+                if total > 0:  # else every member tagged along with weight 0: nothing to average
+                    dataplane.average_(group, tensors, self._flat, round_.weight / total, self.compression_name, self.codec)
+        except Exception as err:
+            self._groups.drop()  # the next group with this member builds a fresh process group
+            raise MatchmakingException(f"data plane all-reduce failed: {err}") from None
+        logger.debug("data plane all-reduce size=%d seconds=%.3f", len(ranked), time.perf_counter() - started)
+        round_.group = (group, ranked)
+        return {peer: {**(gathered.get(peer) or {}), **decode_row(row)} for peer, row in zip(ranked, rows)}
+
+    # ---- the averager's process: the group, found by hivemind's matchmaking ----
+
+    def _members(self, group_info: GroupInfo) -> tuple[bool, dict]:
+        """Whether every member can use the data plane; and every member's gathered metadata by peer id (what the
+        round returns), decoded once."""
+        usable = True
         gathered = {}
         for peer_id, blob in zip(group_info.peer_ids, group_info.gathered):
             _bandwidth, mode, user = self.serializer.loads(blob)
             data = gathered[peer_id] = self.serializer.loads(user)
             endpoint = dataplane.Endpoint.from_wire(data.get("dp")) if isinstance(data, dict) else None
             if endpoint is None or AveragingMode(mode) != AveragingMode.NODE:
-                members = None
-            elif members is not None:
-                members.append((peer_id.to_bytes(), endpoint))
-        return members, gathered
+                usable = False
+        return usable, gathered
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any):
-        members, gathered = self._members(group_info) if self.data_plane_host is not None else (None, {})
-        if members is None:
-            return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        loop = asyncio.get_running_loop()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane")  # collectives run in order
-            self._groups = dataplane.GroupCache(self.data_plane_host, self._timeout)
-        try:
-            builds = self._groups.builds
-            group, _rank = await loop.run_in_executor(
-                self._executor, self._groups.get, members, self.peer_id.to_bytes(), group_info.group_id
-            )
-            self._builds.value += self._groups.builds - builds
-            self._last_group.value = self._groups.current
-        except Exception as err:
-            # every member fails to rendezvous alike (same store, same timeout), so all fall back together
-            self._groups.drop()
-            self._last_group.value = 0
-            self._fallbacks.value += 1
-            logger.warning("data plane: process group not built (%s); using hivemind's all-reduce", err)
+        usable, gathered = self._members(group_info) if self.data_plane_host is not None else (False, {})
+        if not usable:
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         # hivemind registers each group for its own all-reduce runner, which this round does not use: mark it
         # settled, or hivemind warns that the group "did not finish"
         self._running_groups[group_info.group_id].cancel()
-        async with enter_asynchronously(self.get_tensors()) as tensors:
-            started = time.perf_counter()
-            try:
-                await loop.run_in_executor(
-                    self._executor, dataplane.average_, group, tensors, self._flat, kwargs["weight"], self.compression_name, self.codec
-                )
-            except Exception as err:
-                self._groups.drop()
-                self._last_group.value = 0  # the next group with this member builds a fresh process group
-                raise MatchmakingException(f"data plane all-reduce failed: {err}") from None
-            logger.debug("data plane all-reduce size=%d seconds=%.3f", len(members), time.perf_counter() - started)
-        return gathered
+        return Match(group_info.group_id, gathered)

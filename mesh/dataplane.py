@@ -8,10 +8,15 @@ shuffles its list every round; a sorted order lets a group with the same members
 reused while the membership is unchanged and every member says it still holds it (``last_group``); a member whose
 collective failed forgets it, so the next group that contains it rebuilds instead of reusing a broken one.
 
-Weighted averaging (hivemind's weights are samples accumulated):
-- ``none``: one all-reduce (SUM) of ``w·x`` with ``w`` appended, then divided by the summed weight.
-- ``fp16``: an all-reduce of the weight, then one fp16 all-reduce of ``x·w/W`` (the summands are shares of a mean,
-  so they cannot overflow fp16 the way raw ``w·x`` could).
+Every round begins with :func:`exchange`: one all-gather of a short float64 vector per member (its weight, epoch,
+pace, batch, live count, flags). It is the round's arrival barrier and gives every member the same table, from
+which each takes the same decisions (the share of each member, whether the group is settled).
+
+Weighted averaging (hivemind's weights are samples accumulated), with each member's share ``w/W`` of the summed
+weight known from the exchange:
+- ``none``: an all-reduce (SUM) of ``x·w/W``, in 16 MB chunks.
+- ``fp16``: one fp16 all-reduce of ``x·w/W`` (the summands are shares of a mean, so they cannot overflow fp16 the
+  way raw ``w·x`` could).
 - ``8bit``: quantized tensors cannot be summed on the wire, so each member all-gathers every member's tensors as
   hivemind's own codec encodes them (Uniform8Bit for big tensors, fp16 for small ones) and averages them locally,
   in the same order on every member, so all members get the same result. Traffic per member: (n-1) · 1 byte per
@@ -142,24 +147,27 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
     return flat, views
 
 
+def exchange(group: dist.ProcessGroup, values: Sequence[float]) -> list[list[float]]:
+    """Every member's ``values`` (the same length on every member), in rank order: one all-gather."""
+    mine = torch.tensor(list(values), dtype=torch.float64)
+    rows = [torch.zeros_like(mine) for _ in range(group.size())]
+    group.allgather([rows], [mine]).wait()
+    return [row.tolist() for row in rows]
+
+
 def average_(
     group: dist.ProcessGroup,
     tensors: Sequence[torch.Tensor],
     flat: torch.Tensor,
-    weight: float,
+    share: float,
     compression: str,
     codec: CompressionBase | None = None,
 ) -> None:
-    """Replace ``tensors`` in place by the weighted mean of every member's; they are views of the one contiguous
-    float32 buffer ``flat`` (see :func:`flat_views`), which is reduced in place.
+    """Replace ``tensors`` in place by the weighted mean of every member's, given this member's ``share`` of the
+    group's summed weight (from :func:`exchange`); they are views of the one contiguous float32 buffer ``flat``
+    (see :func:`flat_views`), which is reduced in place.
 
     Note: the tensors are undefined if a collective fails midway; the caller falls back to its own copy."""
-    total_weight = torch.tensor([weight], dtype=torch.float64)
-    group.allreduce([total_weight]).wait()
-    total = float(total_weight)
-    if total <= 0:  # every member tagged along with weight 0: nothing to average
-        return
-    share = weight / total
     if compression == "none":
         # scale chunk k+1 while chunk k is on the wire: the scaling pass costs ~20% of a 25M all-reduce otherwise
         pending = [group.allreduce([chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]

@@ -68,8 +68,11 @@ data_plane_builds = Counter(
 )
 data_plane_fallbacks = Counter(
     "mesh_peer_data_plane_fallbacks_total",
-    "Gradient rounds that fell back to hivemind's all-reduce: process group not built",
+    "Process groups that could not be built (that round fails; the next rounds use hivemind's all-reduce)",
     ["run"],
+)
+standing_rounds = Counter(
+    "mesh_peer_standing_rounds_total", "Gradient rounds in a standing group: no matchmaking, the last round's process group", ["run"]
 )
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
@@ -120,6 +123,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         state_downloads,
         data_plane_builds,
         data_plane_fallbacks,
+        standing_rounds,
     ):
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):

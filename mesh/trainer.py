@@ -163,11 +163,11 @@ class MeshOptimizer(hivemind.Optimizer):
 
     def _after_round(self, epoch: int, group: tuple[dict, bool] | None) -> None:
         """After an ok round that ended ``epoch``: catch up if another member was in a later epoch; else, if the
-        group was settled (every live peer in, one epoch, nobody asking to resync), plan this peer's share of the
-        next epoch (:mod:`mesh.epochplan`)."""
+        group was settled (every live peer in, one epoch, nobody new, drifted or leaving: :func:`settled`), plan
+        this peer's share of the next epoch (:mod:`mesh.epochplan`)."""
         if group is None:
             return
-        gathered, complete = group
+        gathered, calm = group
         epochs = [data.get("epoch") for data in gathered.values() if isinstance(data, dict)]
         ahead = max((e for e in epochs if isinstance(e, int)), default=epoch)
         if ahead > epoch:
@@ -177,14 +177,9 @@ class MeshOptimizer(hivemind.Optimizer):
             logger.info("behind the group's epoch mine=%d group=%d; taking the newest state", epoch, ahead)
             self.load_state_from_peers()
             return
-        # plan only in a settled group: every live peer in, all in the same epoch, nobody new or drifted (a member
-        # that asks to resync is joining or recovering; hivemind's estimate decides while it does)
-        settled = (
-            complete
-            and all(e == epoch for e in epochs)
-            and not any(data.get("resync") for data in gathered.values() if isinstance(data, dict))
-        )
-        members = epochplan.members_from_gathered(gathered) if settled else None
+        # plan only in a settled group (a member that asks to resync is joining or recovering; hivemind's estimate
+        # decides while it does)
+        members = epochplan.members_from_gathered(gathered) if calm and all(e == epoch for e in epochs) else None
         me = str(self.dht.peer_id)
         if not members or me not in {member.key for member in members}:
             return
@@ -192,6 +187,11 @@ class MeshOptimizer(hivemind.Optimizer):
         batch = next(member.batch_size for member in members if member.key == me)
         self.tracker.plan_epoch(self.local_epoch, steps[me] * batch, len(members))
         logger.debug("epoch plan epoch=%d steps=%d samples=%d", self.local_epoch, steps[me], steps[me] * batch)
+
+    def shutdown(self) -> None:
+        if self.grad_averager is not None:
+            self.grad_averager.leaving = True  # a round this peer tags along in tells the group it leaves
+        super().shutdown()
 
     @property
     def rounds(self) -> dict[str, int]:
@@ -202,6 +202,8 @@ class MeshOptimizer(hivemind.Optimizer):
         return self.grad_averager.last_group_size if self.grad_averager is not None else 0
 
     def load_state_from_peers(self, **kwargs) -> None:
+        if getattr(self, "grad_averager", None) is not None:
+            self.grad_averager.leave_standing_group()  # the next round finds its group through matchmaking
         started, before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
         if self.local_epoch != before:
@@ -234,6 +236,7 @@ class Progress:
     state_downloads: int = 0
     data_plane_builds: int = 0
     data_plane_fallbacks: int = 0
+    standing_rounds: int = 0  # ok rounds in a standing group (no matchmaking)
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
     _epoch_first_sample: int = 0
@@ -412,10 +415,11 @@ class Trainer:
         p.rounds = dict(self.opt.rounds)
         p.state_downloads = self.opt.state_downloads
         averager = self.opt.grad_averager
-        if averager is not None:  # counted in the averager's process; brought to this process's metrics here
+        if averager is not None:  # counted by the averager; brought to this process's metrics here
             for name, value, counter in (
                 ("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
                 ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks),
+                ("standing_rounds", averager.standing_rounds, metrics.standing_rounds),
             ):
                 counter.labels(self.record.run_id).inc(value - getattr(p, name))
                 setattr(p, name, value)

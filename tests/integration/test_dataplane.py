@@ -1,25 +1,28 @@
-"""The data plane (torch's gloo process groups inside hivemind's matched groups), against closed-form references.
+"""The data plane (torch's gloo process groups inside hivemind's matched groups, and standing groups that skip
+matchmaking), against closed-form references.
 
-Real hivemind DHTs and averagers on 127.0.0.1 (each averager runs in its own process, as in a peer). References:
-the weighted mean of the members' gradients (weights = samples accumulated, as hivemind weighs them); a round that
-loses a member mid-all-reduce must fail within its timeout and leave the survivors able to average again; a group
-whose membership changed must average over exactly its new members.
+Real hivemind DHTs and averagers on 127.0.0.1 (each averager's matchmaking runs in its own process, as in a peer;
+the collectives run in the member's process). References: the weighted mean of the members' gradients (weights =
+samples accumulated, as hivemind weighs them); a round that loses a member (a separate process, SIGKILLed)
+mid-all-reduce must fail within its timeout and leave the survivors able to average again; a group whose
+membership changed must average over exactly its new members.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import multiprocessing as mp
 import time
 from contextlib import ExitStack
 
 import hivemind
+import psutil
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
 from torch.testing import assert_close
 
 from mesh.averager import MeshGradientAverager
+from mesh.planeround import PlaneRound
 from mesh.trainer import EIGHT_BIT_MIN_SIZE, make_compression
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
@@ -31,7 +34,9 @@ ATOL = {"none": 1e-6, "fp16": 4e-3}  # fp16: ~11 significant bits on values |x| 
 class Member:
     """One averaging member: a DHT, parameters whose gradients are known, and a MeshGradientAverager."""
 
-    def __init__(self, index: int, stack: ExitStack, initial_peers: list, compression: str = "none", timeout: float = 10.0) -> None:
+    def __init__(
+        self, index: int, stack: ExitStack, initial_peers: list, compression: str = "none", timeout: float = 10.0, epochs: bool = False
+    ) -> None:
         self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
         stack.callback(self.dht.shutdown)
         self.params = [torch.nn.Parameter(torch.zeros(n)) for n in SIZES]
@@ -50,6 +55,10 @@ class Member:
         )
         stack.callback(self.averager.shutdown)
         self.seed = 100 * index
+        self.round = 0
+        if epochs:  # what a trainer publishes: with them, a settled group's next round skips matchmaking
+            self.averager.local_epoch = lambda: self.round
+            self.averager.local_rate = lambda: 100.0
 
     def gradients(self, round_: int) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed + round_)
@@ -57,6 +66,7 @@ class Member:
 
     def start_round(self, round_: int, group_size: int, samples: int):
         """Accumulate this round's gradients (``samples`` = the weight) and begin averaging; returns the control."""
+        self.round = round_
         for param, grad in zip(self.params, self.gradients(round_)):
             param.grad = grad.clone()
         self.averager.accumulate_grads_(batch_size=samples)
@@ -79,9 +89,13 @@ def weighted_mean(members: list[Member], round_: int, weights: list[int]) -> lis
     return [sum(w * g[i] for w, g in zip(weights, grads)) / total for i in range(len(SIZES))]
 
 
-def run_round(members: list[Member], round_: int, weights: list[int]) -> list:
-    controls = [m.start_round(round_, len(members), w) for m, w in zip(members, weights)]
-    return [control.result(60) for control in controls]
+def run_round(members: list[Member], round_: int, weights: list[int], live: int | None = None) -> list:
+    controls = [m.start_round(round_, live or len(members), w) for m, w in zip(members, weights)]
+    gathered = [control.result(60) for control in controls]
+    for member in members:  # what hivemind.Optimizer does after a round
+        member.averager.notify_used_averaged_gradients()
+        member.averager.reset_accumulated_grads_()
+    return gathered
 
 
 def assert_mean(got: list[torch.Tensor], want: list[torch.Tensor], compression: str) -> None:
@@ -114,23 +128,62 @@ def test_average_is_the_weighted_mean(compression: str, group: int) -> None:
         assert [m.averager.data_plane_fallbacks for m in members] == [0] * group  # never hivemind's all-reduce
 
 
-def test_member_killed_mid_allreduce_fails_the_round_within_the_timeout_then_survivors_average() -> None:
+def _victim(initial_peers: list, timeout: float, epochs: bool, conn) -> None:
+    """A member in its own process (spawned): rounds on command, then dies by the test's SIGKILL."""
+    mp.set_start_method("fork", force=True)  # hivemind forks its helpers, as in a peer (spawn is this process's default)
+    with ExitStack() as stack:
+        member = Member(2, stack, initial_peers, timeout=timeout, epochs=epochs)
+        conn.send("ready")
+        while True:
+            command, round_ = conn.recv()
+            if command == "round":
+                member.start_round(round_, 3, 1).result(60)
+                member.averager.notify_used_averaged_gradients()
+                member.averager.reset_accumulated_grads_()
+                conn.send("done")
+            else:  # join the round's group, never its collective
+                member.round = round_
+                member.averager.set_target_group_size(3)
+                member.averager.schedule_step(timeout=30)
+                conn.send("scheduled")
+
+
+@pytest.mark.parametrize("standing", [False, True], ids=["matched", "standing"])
+def test_member_killed_mid_allreduce_fails_the_round_within_the_timeout_then_survivors_average(standing: bool) -> None:
     timeout = 8.0
     with ExitStack() as stack:
-        members = start_members(3, stack, timeout=timeout)
-        run_round(members, 1, [1, 1, 1])  # builds and caches the three-member process group
-        survivors, victim = members[:2], members[2]
-        # the survivors enter the collective; the victim joins the group but never the collective, then dies
-        victim.averager.set_target_group_size(3)
-        victim_control = victim.averager.schedule_step(timeout=30)
-        controls = [m.start_round(2, 3, 1) for m in survivors]
+        survivors = start_members(2, stack, timeout=timeout, epochs=standing)
+        ours, theirs = mp.get_context("spawn").Pipe()
+        victim = mp.get_context("spawn").Process(target=_victim, args=(survivors[0].dht.get_visible_maddrs(), timeout, standing, theirs))
+        victim.start()
+        stack.callback(victim.kill)
+        assert ours.poll(60) and ours.recv() == "ready"
+
+        def everyone(round_: int) -> list:
+            ours.send(("round", round_))
+            gathered = run_round(survivors, round_, [1, 1], live=3)
+            assert ours.poll(60) and ours.recv() == "done"
+            return gathered
+
+        # round 1 builds and caches the three-member process group; with epochs published, round 2 finds the group
+        # settled, so round 3 runs in it without matchmaking
+        rounds = 2 if standing else 1
+        for round_ in range(1, rounds + 1):
+            assert all(len(g) == 3 for g in everyone(round_))
+        ours.send(("schedule", rounds + 1))
+        assert ours.poll(60) and ours.recv() == "scheduled"
+        controls = [m.start_round(rounds + 1, 3, 1) for m in survivors]
+        assert all((m.averager.standing_rounds == 0) for m in survivors)
         deadline = time.monotonic() + 20
         while not all(c.stage == AveragingStage.RUNNING_ALLREDUCE for c in controls):
             assert time.monotonic() < deadline, [c.stage for c in controls]
             time.sleep(0.01)
         time.sleep(0.5)  # the survivors are now blocked in the collective, waiting for the victim
-        assert not any(c.done() for c in controls) and victim_control.stage == AveragingStage.AWAITING_TRIGGER
-        os.kill(victim.averager.pid, signal.SIGKILL)
+        assert not any(c.done() for c in controls)
+        assert all((c.inner is None) == standing for c in controls)  # a standing round: no matchmaking at all
+        doomed = psutil.Process(victim.pid)
+        for process in [*doomed.children(recursive=True), doomed]:  # the member and its averager's process
+            process.kill()
         killed = time.monotonic()
         for control in controls:
             with pytest.raises(Exception):
@@ -142,12 +195,42 @@ def test_member_killed_mid_allreduce_fails_the_round_within_the_timeout_then_sur
             assert member.averager.wants_state_averaging  # the group will average parameters next
             member.averager.reset_accumulated_grads_()
 
-        gathered = run_round(survivors, 3, [1, 2])  # the next round rebuilds a process group of two
+        gathered = run_round(survivors, rounds + 2, [1, 2])  # the next round matches and builds a group of two
         assert all(len(g) == 2 for g in gathered)
-        want = weighted_mean(survivors, 3, [1, 2])
+        want = weighted_mean(survivors, rounds + 2, [1, 2])
         for member in survivors:
             assert_mean(member.averaged(), want, "none")
             assert member.averager.data_plane_builds == 2
+            assert member.averager.rounds == {"ok": rounds + 1, "failed": 1, "local_only": 0}
+
+
+def test_a_settled_group_skips_matchmaking_until_someone_joins() -> None:
+    with ExitStack() as stack:
+        pair = start_members(2, stack, epochs=True)
+        for round_ in (1, 2):  # the first round asks to resync (new members); the second is settled
+            run_round(pair, round_, [1, 1])
+        assert [m.averager.standing_rounds for m in pair] == [0, 0]
+        # rounds 3 and 4 run in the standing group; in round 4 a member already counts a third live peer
+        for round_, weights, live in ((3, [2, 1], 2), (4, [1, 3], 3)):
+            controls = [m.start_round(round_, live, w) for m, w in zip(pair, weights)]
+            assert all(isinstance(c, PlaneRound) and c.inner is None for c in controls)
+            for c in controls:
+                c.result(60)
+            for member in pair:
+                member.averager.notify_used_averaged_gradients()
+                member.averager.reset_accumulated_grads_()
+                assert_mean(member.averaged(), weighted_mean(pair, round_, weights), "none")
+        assert [m.averager.standing_rounds for m in pair] == [2, 2]
+        # round 4 showed a third live peer, so round 5 finds its group through matchmaking, with the joiner in
+        joiner = Member(2, stack, pair[0].dht.get_visible_maddrs(), epochs=True)
+        trio = [*pair, joiner]
+        gathered = run_round(trio, 5, [1, 1, 1])
+        assert all(len(g) == 3 for g in gathered)
+        for member in trio:
+            assert_mean(member.averaged(), weighted_mean(trio, 5, [1, 1, 1]), "none")
+        assert [m.averager.data_plane_builds for m in trio] == [2, 2, 1]
+        assert [m.averager.standing_rounds for m in trio] == [2, 2, 0]
+        assert [m.averager.rounds["ok"] for m in trio] == [5, 5, 1]
 
 
 def test_membership_change_rebuilds_the_group_and_averages_over_the_new_members() -> None:
