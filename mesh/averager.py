@@ -40,6 +40,7 @@ from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
@@ -82,7 +83,30 @@ class GroupSizeMixin:
         return await super()._step(**kwargs)
 
 
-class MeshStateAverager(GroupSizeMixin, TrainingStateAverager):
+class DeclareThrottleMixin:
+    """hivemind.Optimizer sets ``state_sharing_priority`` (this peer's epoch) every epoch, and each change re-declares
+    the averager as a state donor in the DHT at once: a DHT store (a lookup, then a store on every node holding the
+    key) per averager per epoch, the largest part of the helpers' load with epochs of a second. Here a change is
+    passed on at most every ``DECLARE_MIN_PERIOD`` seconds; in between, donors are declared with an epoch up to that
+    old, which only orders donors that are all equally fresh in a steady run (a joiner still gets the newest state:
+    it is what every donor serves)."""
+
+    DECLARE_MIN_PERIOD = 10.0
+    _last_declared = -float("inf")
+
+    @property
+    def state_sharing_priority(self) -> float:
+        return DecentralizedAverager.state_sharing_priority.fget(self)  # type: ignore[attr-defined]
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        now = time.monotonic()
+        if now - self._last_declared >= self.DECLARE_MIN_PERIOD:
+            self._last_declared = now
+            DecentralizedAverager.state_sharing_priority.fset(self, value)  # type: ignore[attr-defined]
+
+
+class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, TrainingStateAverager):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round."""
 
 
@@ -128,7 +152,7 @@ def settled(gathered: dict) -> bool:
     )
 
 
-class MeshGradientAverager(GroupSizeMixin, GradientAverager):
+class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverager):
     def __init__(
         self, parameters: Iterable[torch.nn.Parameter], *, run_id: str, compression_name: str, data_plane_host: str | None, **kwargs: Any
     ) -> None:

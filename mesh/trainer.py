@@ -400,7 +400,9 @@ class Trainer:
             self._on_new_epoch()
 
     def _on_new_epoch(self) -> None:
-        self.opt.tracker.refresh()
+        plan = self.opt.tracker.plan
+        if plan is None or plan[0] != self.opt.local_epoch:  # a planned epoch ends by the plan, not the estimate
+            self.opt.tracker.refresh()
         now, p = time.monotonic(), self.progress
         epochs_advanced = max(1, self.opt.local_epoch - p.epoch)
         self._epoch_times.append((now - p._epoch_started) / epochs_advanced)

@@ -227,16 +227,29 @@ class Mesh:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_mesh(case: dict, args) -> tuple[float, dict[str, float]]:
-    """(global samples/s, CPU share of trainers / helpers / bootstrap) of two peers."""
+def _round_counts(mesh: "Mesh") -> dict[str, float]:
+    """Gradient rounds so far, summed over the peers: by outcome, and the ok ones in a standing group."""
+    pages = [metrics_page(port) for port in mesh.ports]
+    counts = {
+        outcome: sum(metric(p, "mesh_peer_averaging_rounds_total", outcome=outcome) for p in pages)
+        for outcome in ("ok", "failed", "local_only")
+    }
+    counts["standing"] = sum(metric(p, "mesh_peer_standing_rounds_total") for p in pages)
+    return counts
+
+
+def run_mesh(case: dict, args) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(global samples/s, CPU share of trainers / helpers / bootstrap, rounds in the window) of two peers."""
     mesh = Mesh(case, args, peers=2)
     try:
         mesh.wait_epoch(args.warmup_epochs)
+        rounds_before = _round_counts(mesh)
         cpu_before, before, t0 = mesh.cpu_seconds(), sum(s for s, _ in mesh.read()), time.monotonic()
         time.sleep(args.seconds)
         cpu_after, after, t1 = mesh.cpu_seconds(), sum(s for s, _ in mesh.read()), time.monotonic()
+        rounds = {k: v - rounds_before[k] for k, v in _round_counts(mesh).items()}
         capacity = (t1 - t0) * psutil.cpu_count()
-        return (after - before) / (t1 - t0), {k: (cpu_after[k] - cpu_before[k]) / capacity for k in cpu_after}
+        return (after - before) / (t1 - t0), {k: (cpu_after[k] - cpu_before[k]) / capacity for k in cpu_after}, rounds
     finally:
         mesh.close()
 
@@ -307,12 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         ddp_step = run_ddp(case, args, seconds_per_batch, equal_batch=False)
         # the fair pair, alternated: a single 30-s window of one setup varies by about 10 % on this machine, and
         # the machine drifts between setups; the ratio of each back-to-back pair, then the median of the pairs
-        pairs, cpus = [], []
+        pairs, cpus, windows = [], [], []
         for _ in range(args.repeats):
             ddp_eq = run_ddp(case, args, seconds_per_batch, equal_batch=True)
-            mesh, cpu = run_mesh(case, args)
+            mesh, cpu, rounds = run_mesh(case, args)
             pairs.append((ddp_eq, mesh))
             cpus.append(cpu)
+            windows.append(rounds)
         pair_ratios = [mesh / ddp_eq for ddp_eq, mesh in pairs]
         results = {
             "plain": plain,
@@ -332,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "pairs": [{"ddp_eq": ddp_eq, "mesh": mesh, "mesh/ddp_eq": mesh / ddp_eq} for ddp_eq, mesh in pairs],
             "mesh_cpu_share": cpu,
+            "mesh_rounds": windows,
         }
         print(
             f"{case['name']}: threads={args.threads} seconds={args.seconds:g} repeats={args.repeats} (2 processes each but plain)",
@@ -341,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  ratio: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()) + "  (target mesh/ddp_eq >= 0.9)")
         print("  mesh/ddp_eq of each pair: " + " ".join(f"{r:.2f}" for r in pair_ratios), flush=True)
         print("  mesh CPU share of the machine: " + " ".join(f"{k}={v:.0%}" for k, v in cpu.items()), flush=True)
+        print(
+            "  mesh rounds per window (both peers; standing = ok without matchmaking): "
+            + " | ".join(" ".join(f"{k}={v:.0f}" for k, v in w.items()) for w in windows),
+            flush=True,
+        )
     if args.straggler:
         straggler = run_straggler(args)
         report["straggler"] = straggler

@@ -10,6 +10,7 @@ a training run.
 from __future__ import annotations
 
 import inspect
+import re
 
 import hivemind
 import pytest
@@ -20,6 +21,8 @@ from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException, Po
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
+
+from mesh.planeround import PlaneRound
 
 
 def parameters(function) -> list[str]:
@@ -131,6 +134,37 @@ def test_step_control_stages_the_round_watcher_reads() -> None:
     assert {"AWAITING_TRIGGER", "RUNNING_ALLREDUCE", "FINISHED"} <= set(AveragingStage.__members__)
     for name in ("stage", "triggered", "weight", "done", "result", "cancelled", "exception"):
         assert hasattr(StepControl, name)
+
+
+def test_the_round_handle_offers_what_hivemind_calls_on_a_gradient_round() -> None:
+    # hivemind.Optimizer and GradientAverager.step drive a round through these names; PlaneRound stands in for
+    # StepControl on the data plane, so each name they use must exist on it
+    uses = {
+        "triggered": [GradientAverager.step, hivemind.Optimizer._tag_along_with_zero_weight, hivemind.Optimizer._begin_averaging_gradients],
+        "allow_allreduce()": [GradientAverager.step, hivemind.Optimizer._tag_along_with_zero_weight],
+        "weight =": [GradientAverager.step, hivemind.Optimizer._tag_along_with_zero_weight],
+        "result(": [GradientAverager.step, hivemind.Optimizer._average_gradients_and_load_into_optimizer],
+        "done()": [hivemind.Optimizer._begin_averaging_gradients, hivemind.Optimizer.load_state_from_peers],
+        "cancel()": [hivemind.Optimizer._begin_averaging_gradients],
+        "stage": [hivemind.Optimizer.shutdown],
+    }
+    for name, functions in uses.items():
+        for function in functions:
+            assert name in source(function), f"{function.__qualname__} no longer uses {name!r} on its round"
+        assert hasattr(PlaneRound, name.rstrip("(). =")), name
+    for function in (GradientAverager.step, hivemind.Optimizer._begin_averaging_gradients):
+        for used in ("control.", "self.scheduled_grads."):
+            for attribute in re.findall(re.escape(used) + r"(\w+)", source(function)):
+                assert hasattr(PlaneRound, attribute), f"{function.__qualname__} uses .{attribute} on its round"
+    assert "step.set_result(" in source(DecentralizedAverager._step)  # what _aggregate_with_group returns: the Match
+
+
+def test_state_sharing_priority_is_a_property_the_optimizer_sets_every_epoch() -> None:
+    # DeclareThrottleMixin overrides it and calls hivemind's getter and setter
+    prop = DecentralizedAverager.state_sharing_priority
+    assert isinstance(prop, property) and prop.fset is not None
+    assert "self.state_averager.state_sharing_priority = self.local_epoch" in source(hivemind.Optimizer._update_global_epoch)
+    assert "_trigger_declare_load_state" in source(prop.fset)
 
 
 def test_training_state_averager_is_a_decentralized_averager() -> None:
