@@ -180,6 +180,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         self.data_plane_builds = 0  # process groups built
         self.data_plane_fallbacks = 0  # process groups that could not be built
         self.standing_rounds = 0  # ok rounds that skipped matchmaking
+        self._last_round_end: float | None = None  # when this member's last data-plane round ended (monotonic)
 
         self.rounds = {outcome: 0 for outcome in OUTCOMES}
         self.last_outcome: str | None = None
@@ -304,6 +305,20 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         # the epoch's parameter-averaging decision has been taken; a drift shows in the next round's "resync"
         self.last_outcome, self.wants_state_averaging = None, False
 
+    @property
+    def in_standing_group(self) -> bool:
+        return self._standing is not None
+
+    def tag_along(self, round_: PlaneRound, timeout: float) -> None:
+        """Join ``round_`` with weight 0 (the others' mean is theirs alone) and wait at most ``timeout``."""
+        round_.weight = 0.0
+        round_.allow_allreduce()
+        try:
+            round_.result(timeout)
+        except BaseException as err:  # the group's round did not come in time, or failed: it is the others' now
+            logger.info("left without the group's next round (%s)", type(err).__name__)
+        self._round = None
+
     def leave_standing_group(self) -> None:
         """The next round goes through matchmaking (this peer took the newest state, or is leaving)."""
         self._standing = None
@@ -360,19 +375,28 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         ranked = sorted(match.gathered, key=lambda peer: peer.to_bytes())  # the process group's rank order
         return self._reduce(group, ranked, match.gathered, round_)
 
+    def arrival_timeout(self) -> float:
+        """How long a round waits for its last member: members of a settled group end their planned epochs
+        together, so one that is later than a few matchmaking times, or twice this member's last epoch, has stopped
+        or gone (and is waited for at most the averaging timeout)."""
+        epoch = time.monotonic() - self._last_round_end if self._last_round_end is not None else self._timeout
+        matchmaking = float(self.matchmaking_kwargs.get("min_matchmaking_time") or 0.0)
+        return min(self._timeout, max(3 * matchmaking, 2 * epoch, 1.0))
+
     def _reduce(self, group: Any, ranked: list[PeerID], gathered: dict, round_: PlaneRound) -> dict:
         """Exchange the members' rows, then average the gradients in place; returns the round's metadata by peer."""
         round_.reducing = True
         started = time.perf_counter()
         try:
             with self.get_tensors() as tensors:
-                rows = dataplane.exchange(group, self._row(round_.weight))
+                rows = dataplane.exchange(group, self._row(round_.weight), self.arrival_timeout())
                 total = sum(row[0] for row in rows)
                 if total > 0:  # else every member tagged along with weight 0: nothing to average
                     dataplane.average_(group, tensors, self._flat, round_.weight / total, self.compression_name, self.codec)
         except Exception as err:
             self._groups.drop()  # the next group with this member builds a fresh process group
             raise MatchmakingException(f"data plane all-reduce failed: {err}") from None
+        self._last_round_end = time.monotonic()
         logger.debug("data plane all-reduce size=%d seconds=%.3f", len(ranked), time.perf_counter() - started)
         round_.group = (group, ranked)
         return {peer: {**(gathered.get(peer) or {}), **decode_row(row)} for peer, row in zip(ranked, rows)}

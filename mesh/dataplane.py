@@ -1,5 +1,6 @@
 """The data plane: once hivemind's matchmaking has decided *who* averages, the tensors move through torch's own
-process groups (``ProcessGroupGloo``), not through hivemind's Python → p2pd → TCP all-reduce.
+process groups (``ProcessGroupGloo``), not through hivemind's Python → p2pd → TCP all-reduce. The groups live in
+the training process (:mod:`mesh.averager` runs the rounds there, :mod:`mesh.planeround`).
 
 Every member hosts a ``TCPStore`` (one per peer, on a free port of the data-plane address) and publishes
 ``(host, port, last_group)`` in the group's gathered metadata. Members are ranked by sorted peer id (hivemind
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
+from torch.distributed.distributed_c10d import AllgatherOptions
 
 CHUNK_ELEMENTS = 2**22  # 16 MB of float32 per collective
 
@@ -147,11 +149,15 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
     return flat, views
 
 
-def exchange(group: dist.ProcessGroup, values: Sequence[float]) -> list[list[float]]:
-    """Every member's ``values`` (the same length on every member), in rank order: one all-gather."""
+def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float | None = None) -> list[list[float]]:
+    """Every member's ``values`` (the same length on every member), in rank order: one all-gather, which waits for
+    the last member at most ``timeout`` seconds (else the group's own timeout); past it, it raises."""
     mine = torch.tensor(list(values), dtype=torch.float64)
     rows = [torch.zeros_like(mine) for _ in range(group.size())]
-    group.allgather([rows], [mine]).wait()
+    options = AllgatherOptions()
+    if timeout is not None:
+        options.timeout = datetime.timedelta(seconds=timeout)
+    group.allgather([rows], [mine], options).wait()
     return [row.tolist() for row in rows]
 
 

@@ -28,6 +28,7 @@ from hivemind.compression import Float16Compression, NoCompression, SizeAdaptive
 from mesh import atomicfile, checkpoint, epochplan, metrics
 from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.errors import ConfigError, RunError
+from mesh.planeround import PlaneRound
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
 from mesh.rounds import wire_bytes
 from mesh.tasks.base import Batch, Task
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 EIGHT_BIT_MIN_SIZE = 2**12
 PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress reports to the DHT (hivemind: every local step)
 PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
+LEAVE_WAIT = 5.0  # seconds a leaving member of a standing group waits to tag along in the group's next round
 
 
 def make_compression(name: str) -> hivemind.compression.CompressionBase:
@@ -189,8 +191,18 @@ class MeshOptimizer(hivemind.Optimizer):
         logger.debug("epoch plan epoch=%d steps=%d samples=%d", self.local_epoch, steps[me], steps[me] * batch)
 
     def shutdown(self) -> None:
-        if self.grad_averager is not None:
-            self.grad_averager.leaving = True  # a round this peer tags along in tells the group it leaves
+        averager = self.grad_averager
+        if averager is not None and not averager.leaving:
+            averager.leaving = True  # a round this peer tags along in tells the group it leaves
+            # between rounds in a standing group the others will wait for this peer in their next round: join it
+            # with weight 0 (they still average), briefly; past that they find its connections closed (one
+            # failed round)
+            pending = self.scheduled_grads
+            if pending is None and averager.in_standing_group:
+                pending = averager.schedule_step()
+            if isinstance(pending, PlaneRound) and pending.inner is None and not pending.triggered:
+                self.scheduled_grads = None
+                averager.tag_along(pending, min(self.averaging_timeout, LEAVE_WAIT))
         super().shutdown()
 
     @property

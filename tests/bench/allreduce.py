@@ -7,8 +7,9 @@ What it measures: the time of one float32 all-reduce of a vector of ``--sizes`` 
   baseline;
 - ``mesh``: the project's data plane (:mod:`mesh.dataplane`) as the averager uses it: each process hosts a
   ``StoreHost``, the process group comes from ``GroupCache.get`` (its first build is timed too, reported as
-  ``build``), and ``average_(group, views, flat, weight=1.0, compression="none")`` averages a :func:`flat_views` buffer
-  in place (one weight all-reduce, then the chunked, scaled fp32 all-reduce);
+  ``build``), and a round's work: :func:`exchange` of the members' rows (the arrival barrier and the weights: one
+  small all-gather), then ``average_`` of a :func:`flat_views` buffer in place (the chunked, scaled fp32
+  all-reduce);
 - ``hivemind``: hivemind's ``DecentralizedAverager`` (one ``hivemind.DHT`` per process, joined to the first), one
   ``step`` per repetition. Only the all-reduce is timed, not matchmaking: the step is started with
   ``require_trigger=True``; once every member reached ``AWAITING_TRIGGER`` the members pass a barrier, start the
@@ -19,8 +20,8 @@ sizes. Per size: one warm-up, which also checks the result against the closed-fo
 (r + 1) * the same random vector), then ``--repeats`` timed repetitions, each started together after a barrier. A
 repetition's time is the slowest member's; the figure is the median over repetitions, and the bus bandwidth
 busbw = 4 * elements / seconds * 2 (n - 1) / n (what each member's link carries in a ring all-reduce), in GB/s
-(10^9 bytes). Ratios are of bus bandwidth: mesh/gloo is what the data plane costs over bare gloo (its extra weight
-all-reduce and scaling pass), hivemind/gloo what hivemind's own all-reduce would cost. Separate processes run one
+(10^9 bytes). Ratios are of bus bandwidth: mesh/gloo is what the data plane costs over bare gloo (its exchange and
+scaling pass), hivemind/gloo what hivemind's own all-reduce would cost. Separate processes run one
 after the other, so a shared machine's load can differ between them; hence ``mesh/gloo_paired`` as well: in the
 mesh's processes every repetition first times a bare gloo all-reduce (SUM of one tensor) on the very process group
 the data plane uses, then bare gloo's mean (the SUM, then a division by the group size, as DDP's default hook does),
@@ -53,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, flat_views
+from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, exchange, flat_views
 
 METHODS = ("gloo", "mesh", "hivemind")
 PROBE = 4096  # leading elements compared against the closed-form result after the warm-up
@@ -171,8 +172,9 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
     flat, views = flat_views([tensor])
     bare = tensor  # the same values, for the paired bare all-reduce on the same process group
 
-    def work() -> None:
-        average_(group, views, flat, weight=1.0, compression="none")
+    def work() -> None:  # what a round does: the members' rows (the arrival barrier, the weights), then the mean
+        rows = exchange(group, [1.0, 0.0, 0.0, 0.0, float(world), 0.0, 0.0])
+        average_(group, views, flat, share=1.0 / sum(row[0] for row in rows), compression="none")
 
     barrier.wait(BARRIER_TIMEOUT)
     work()  # warm-up

@@ -69,3 +69,23 @@ def test_report_throttle_wakes_at_most_once_per_period() -> None:
     gaps = [b - a for a, b in zip(wakes, wakes[1:])]
     assert 3 <= len(wakes) <= 7, wakes  # ~5 in 1 s, not ~1000
     assert min(gaps) >= 0.19, gaps
+
+
+def test_a_group_is_settled_only_when_complete_in_one_epoch_and_calm() -> None:
+    from mesh.averager import ROW, decode_row, settled
+
+    def member(**overrides) -> dict:
+        return {"epoch": 7, "live": 2, "resync": False, "leaving": False, **overrides}
+
+    assert settled({"a": member(), "b": member()})
+    assert not settled({})
+    assert not settled({"a": member(), "b": member(live=3)})  # a third live peer is not in the group
+    assert not settled({"a": member(), "b": member(epoch=8)})  # two epochs
+    assert not settled({"a": member(), "b": member(resync=True)})  # a member new or drifted
+    assert not settled({"a": member(), "b": member(leaving=True)})  # a member leaving
+    assert not settled({"a": member(epoch=None), "b": member(epoch=None)})  # no epochs published (another version)
+    assert not settled({"a": member(), "b": None})  # malformed metadata
+    row = decode_row([16.0, 7.0, 250.5, 16.0, 2.0, 0.0, 1.0])
+    assert row == {"weight": 16.0, "epoch": 7, "rate": 250.5, "batch": 16, "live": 2, "resync": False, "leaving": True}
+    assert decode_row([0.0, -1.0, 0.0, 0.0, 1.0, 1.0, 0.0])["epoch"] is None
+    assert len(ROW) == 7
