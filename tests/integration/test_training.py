@@ -144,7 +144,11 @@ def test_late_joiner_downloads_state_and_matches(bootstrap: str, mesh_procs, tmp
     for peer in [*early, late]:
         assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
     status = late.status()
-    assert 1 <= status["state_downloads"] <= 3, late.output()[-3000:]  # downloaded once (not spinning), then trained
+    # downloaded at start, then at most a few times more (not spinning: a spin downloads every second or two, dozens
+    # of times here): the early pair's round right after the joiner appears can still be a standing round without
+    # it, and each round the joiner reaches after the others (its view of their progress lags by a report) leaves it
+    # one epoch behind, which costs one more download; seen in CI: 4
+    assert 1 <= status["state_downloads"] <= 4, late.output()[-3000:]
     assert status["rounds"]["ok"] >= 1
     assert_same_parameters(*early, late)
 
