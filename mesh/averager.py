@@ -221,17 +221,19 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         }
 
     def _row(self, weight: float) -> list[float]:
+        """This member's row of the round's exchange, in ``ROW``'s order (:func:`decode_row` reads it back)."""
         data = self._metadata()
         epoch, rate = data["epoch"], data["rate"]
-        return [
-            float(weight),
-            float(epoch) if epoch is not None else -1.0,
-            float(rate) if rate is not None and math.isfinite(rate) else 0.0,
-            float(data["batch"]),
-            float(data["live"]),
-            float(data["resync"]),
-            float(self.leaving),
-        ]
+        values = {
+            "weight": weight,
+            "epoch": epoch if epoch is not None else -1,
+            "rate": rate if rate is not None and math.isfinite(rate) else 0.0,
+            "batch": data["batch"],
+            "live": data["live"],
+            "resync": data["resync"],
+            "leaving": self.leaving,
+        }
+        return [float(values[name]) for name in ROW]
 
     def schedule_step(self, scheduled_time: float | None = None, **kwargs: Any) -> StepControl | PlaneRound:
         control: StepControl | PlaneRound
@@ -286,13 +288,12 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         self.wants_state_averaging = asked or len(gathered) < live
         calm = settled(gathered)
         self._last_round = gathered, calm
-        plane = getattr(control, "group", None)  # set when the round ran on the data plane
         if isinstance(control, PlaneRound):
-            control.group = None
-        if calm and plane is not None:
-            self._standing = plane
-        if isinstance(control, PlaneRound) and control.inner is None:
-            self.standing_rounds += 1
+            plane, control.group = control.group, None  # set when the round ran on the data plane
+            if calm and plane is not None:
+                self._standing = plane
+            if control.inner is None:
+                self.standing_rounds += 1
         if self.wants_state_averaging and self.on_state_group is not None:
             self.on_state_group(len(gathered))
 

@@ -50,11 +50,14 @@ class MeshProgressTracker(ProgressTracker):
     def plan_epoch(self, epoch: int, samples: int, members: int) -> None:
         self.plan = (epoch, samples, members)
 
+    def has_plan(self, epoch: int) -> bool:
+        return self.plan is not None and self.plan[0] == epoch
+
     def _planned_samples(self) -> int | None:
         """This peer's share of the current epoch, if there is a plan for it, no peer is already past it, and no
         peer has come that the plan did not count (a newcomer's samples count only in hivemind's estimate)."""
         plan, epoch = self.plan, self.local_progress.epoch
-        if plan is None or plan[0] != epoch or self.global_epoch > epoch or self.global_progress.num_peers > plan[2]:
+        if plan is None or not self.has_plan(epoch) or self.global_epoch > epoch or self.global_progress.num_peers > plan[2]:
             return None
         return plan[1]
 

@@ -181,7 +181,7 @@ class MeshOptimizer(hivemind.Optimizer):
             return
         # plan only in a settled group (a member that asks to resync is joining or recovering; hivemind's estimate
         # decides while it does)
-        members = epochplan.members_from_gathered(gathered) if calm and all(e == epoch for e in epochs) else None
+        members = epochplan.members_from_gathered(gathered) if calm else None
         me = str(self.dht.peer_id)
         if not members or me not in {member.key for member in members}:
             return
@@ -412,8 +412,7 @@ class Trainer:
             self._on_new_epoch()
 
     def _on_new_epoch(self) -> None:
-        plan = self.opt.tracker.plan
-        if plan is None or plan[0] != self.opt.local_epoch:  # a planned epoch ends by the plan, not the estimate
+        if not self.opt.tracker.has_plan(self.opt.local_epoch):  # a planned epoch ends by the plan, not the estimate
             self.opt.tracker.refresh()
         now, p = time.monotonic(), self.progress
         epochs_advanced = max(1, self.opt.local_epoch - p.epoch)

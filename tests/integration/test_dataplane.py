@@ -89,13 +89,17 @@ def weighted_mean(members: list[Member], round_: int, weights: list[int]) -> lis
     return [sum(w * g[i] for w, g in zip(weights, grads)) / total for i in range(len(SIZES))]
 
 
-def run_round(members: list[Member], round_: int, weights: list[int], live: int | None = None) -> list:
-    controls = [m.start_round(round_, live or len(members), w) for m, w in zip(members, weights)]
+def finish_round(members: list[Member], controls: list) -> list:
+    """Each member's round result, then what hivemind.Optimizer does after a round."""
     gathered = [control.result(60) for control in controls]
-    for member in members:  # what hivemind.Optimizer does after a round
+    for member in members:
         member.averager.notify_used_averaged_gradients()
         member.averager.reset_accumulated_grads_()
     return gathered
+
+
+def run_round(members: list[Member], round_: int, weights: list[int], live: int | None = None) -> list:
+    return finish_round(members, [m.start_round(round_, live or len(members), w) for m, w in zip(members, weights)])
 
 
 def assert_mean(got: list[torch.Tensor], want: list[torch.Tensor], compression: str) -> None:
@@ -137,9 +141,7 @@ def _victim(initial_peers: list, timeout: float, conn) -> None:
         while True:
             command, round_ = conn.recv()
             if command == "round":
-                member.start_round(round_, 3, 1).result(60)
-                member.averager.notify_used_averaged_gradients()
-                member.averager.reset_accumulated_grads_()
+                run_round([member], round_, [1], live=3)
                 conn.send("done")
             else:  # join the round's group, never its collective
                 member.round = round_
@@ -215,11 +217,8 @@ def test_a_settled_group_skips_matchmaking_until_someone_joins() -> None:
         for round_, weights, live in ((3, [2, 1], 2), (4, [1, 3], 3)):
             controls = [m.start_round(round_, live, w) for m, w in zip(pair, weights)]
             assert all(isinstance(c, PlaneRound) and c.inner is None for c in controls)
-            for c in controls:
-                c.result(60)
+            finish_round(pair, controls)
             for member in pair:
-                member.averager.notify_used_averaged_gradients()
-                member.averager.reset_accumulated_grads_()
                 assert_mean(member.averaged(), weighted_mean(pair, round_, weights), "none")
         assert [m.averager.standing_rounds for m in pair] == [2, 2]
         # round 4 showed a third live peer, so round 5 finds its group through matchmaking, with the joiner in
@@ -239,10 +238,9 @@ def test_a_settled_group_skips_matchmaking_until_someone_joins() -> None:
         joiner.averager.leaving = True
         assert joiner.averager.in_standing_group
         joiner.averager.tag_along(joiner.averager.schedule_step(), timeout=30)
-        for control, member in zip(controls, pair):
-            assert control.inner is None and len(control.result(60)) == 3
-            member.averager.notify_used_averaged_gradients()
-            member.averager.reset_accumulated_grads_()
+        assert all(control.inner is None for control in controls)
+        assert all(len(gathered) == 3 for gathered in finish_round(pair, controls))
+        for member in pair:
             assert_mean(member.averaged(), weighted_mean(pair, 7, [1, 2]), "none")
             assert not member.averager.in_standing_group  # a member left: the next round matches again
         joiner.averager.shutdown()
