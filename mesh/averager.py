@@ -242,7 +242,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         else:
             kwargs.setdefault("gather", self._metadata())
             # no retry within a round: a collective that failed midway has left the buffer half-reduced, so the
-            # round fails and hivemind steps with the local gradient (the accumulators are intact)
+            # round fails and hivemind steps with the local gradient (reloaded from the accumulators: see step)
             kwargs.setdefault("allow_retries", self._store is None)
             control = super().schedule_step(scheduled_time, **kwargs)
             if self._executor is not None:
@@ -261,12 +261,29 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         group, self._last_round = self._last_round, None
         return group
 
-    def step(self, *args: Any, **kwargs: Any):
-        self._in_step = True  # step() resets the accumulators itself: that is not the end of an epoch
+    def step(self, *args: Any, reset_accumulators: bool = True, **kwargs: Any):
+        """hivemind's step, with the accumulators kept until the epoch ends (hivemind.Optimizer resets them then,
+        ``reset_accumulated_grads_``): hivemind's own step zeroes them before the round, so a round that failed
+        fell back to a zero "local gradient" (hivemind reloads the accumulators for its fallback)."""
+        self._in_step = True
         try:
-            return super().step(*args, **kwargs)
+            return super().step(*args, reset_accumulators=False, **kwargs)
         finally:
             self._in_step = False
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        """The accumulated gradients, divided by the number of accumulation steps, into the averaging buffer, in
+        one pass. A standing round's step defers it to the round itself, which folds its share of the group's
+        weight into the same pass once the exchange has told it (:func:`mesh.dataplane.load_scaled_`)."""
+        times = self.local_times_accumulated
+        scale = 1.0 / times if times else 0.0
+        round_ = self._round
+        if self._in_step and isinstance(round_, PlaneRound) and round_.inner is None and not round_.triggered:
+            round_.load_scale = scale
+            return
+        with self.get_tensors() as averaged:
+            dataplane.load_scaled_(averaged, list(self._grad_accumulators()), scale)
 
     def notify_used_averaged_gradients(self) -> None:
         super().notify_used_averaged_gradients()
@@ -299,8 +316,6 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
 
     def reset_accumulated_grads_(self) -> None:
         super().reset_accumulated_grads_()
-        if self._in_step:
-            return
         if self.last_outcome is None:  # hivemind did not even start a round: nobody else was there
             self._record("local_only", 1)
         # the epoch's parameter-averaging decision has been taken; a drift shows in the next round's "resync"
@@ -393,7 +408,11 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
                 rows = dataplane.exchange(group, self._row(round_.weight), self.arrival_timeout())
                 total = sum(row[0] for row in rows)
                 if total > 0:  # else every member tagged along with weight 0: nothing to average
-                    dataplane.average_(group, tensors, self._flat, round_.weight / total, self.compression_name, self.codec)
+                    share = round_.weight / total
+                    if round_.load_scale is not None:  # the load was left to this round: fold the share into it
+                        dataplane.load_scaled_(tensors, list(self._grad_accumulators()), round_.load_scale * share)
+                        share = 1.0
+                    dataplane.average_(group, tensors, self._flat, share, self.compression_name, self.codec)
         except Exception as err:
             self._groups.drop()  # the next group with this member builds a fresh process group
             raise MatchmakingException(f"data plane all-reduce failed: {err}") from None

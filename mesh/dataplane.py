@@ -14,7 +14,10 @@ pace, batch, live count, flags). It is the round's arrival barrier and gives eve
 which each takes the same decisions (the share of each member, whether the group is settled).
 
 Weighted averaging (hivemind's weights are samples accumulated), with each member's share ``w/W`` of the summed
-weight known from the exchange:
+weight known from the exchange. In a standing round the share is folded into the copy of the accumulated gradients
+into the averaging buffer (:func:`load_scaled_`, the pass hivemind makes anyway to divide by the number of
+accumulation steps), so the all-reduce that follows sums the buffer as it is (``share`` 1); a matched round's buffer
+is loaded before its group is known, so it is scaled by ``share`` on the way:
 - ``none``: an all-reduce (SUM) of ``x·w/W``, in 16 MB chunks.
 - ``fp16``: one fp16 all-reduce of ``x·w/W`` (the summands are shares of a mean, so they cannot overflow fp16 the
   way raw ``w·x`` could).
@@ -149,6 +152,12 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
     return flat, views
 
 
+def load_scaled_(views: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], scale: float) -> None:
+    """``views[i] = sources[i] · scale``, one pass per tensor (no copy, then a scaling pass over the copy)."""
+    for view, source in zip(views, sources):
+        torch.mul(source, scale, out=view)
+
+
 def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float | None = None) -> list[list[float]]:
     """Every member's ``values`` (the same length on every member), in rank order: one all-gather, which waits for
     the last member at most ``timeout`` seconds (else the group's own timeout); past it, it raises."""
@@ -170,17 +179,18 @@ def average_(
     codec: CompressionBase | None = None,
 ) -> None:
     """Replace ``tensors`` in place by the weighted mean of every member's, given this member's ``share`` of the
-    group's summed weight (from :func:`exchange`); they are views of the one contiguous float32 buffer ``flat``
-    (see :func:`flat_views`), which is reduced in place.
+    group's summed weight (from :func:`exchange`; 1 when the buffer already holds ``x·w/W``, :func:`load_scaled_`);
+    they are views of the one contiguous float32 buffer ``flat`` (see :func:`flat_views`), which is reduced in
+    place.
 
     Note: the tensors are undefined if a collective fails midway; the caller falls back to its own copy."""
     if compression == "none":
         # scale chunk k+1 while chunk k is on the wire: the scaling pass costs ~20% of a 25M all-reduce otherwise
-        pending = [group.allreduce([chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]
+        pending = [group.allreduce([chunk if share == 1.0 else chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]
         for work in pending:
             work.wait()
     elif compression == "fp16":
-        half = flat.mul(share).to(torch.float16)
+        half = (flat if share == 1.0 else flat.mul(share)).to(torch.float16)
         group.allreduce([half]).wait()
         flat.copy_(half)
     elif compression == "8bit":
@@ -212,6 +222,8 @@ def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], sh
             n = int.from_bytes(data[offset : offset + 8], "little")
             parts.append(deserialize_torch_tensor(runtime_pb2.Tensor.FromString(data[offset + 8 : offset + 8 + n])))
             offset += 8 + n
-        contribution = torch.cat([p.reshape(-1).to(torch.float32) for p in parts]).mul_(member_share)
+        contribution = torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
+        if member_share != 1.0:
+            contribution.mul_(member_share)
         mean = contribution if mean is None else mean.add_(contribution)
     return mean

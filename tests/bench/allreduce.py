@@ -5,11 +5,12 @@ What it measures: the time of one float32 all-reduce of a vector of ``--sizes`` 
 
 - ``gloo``: bare torch, ``ProcessGroupGloo.allreduce`` (SUM) of one tensor, on a device bound to 127.0.0.1 — the
   baseline;
-- ``mesh``: the project's data plane (:mod:`mesh.dataplane`) as the averager uses it: each process hosts a
-  ``StoreHost``, the process group comes from ``GroupCache.get`` (its first build is timed too, reported as
-  ``build``), and a round's work: :func:`exchange` of the members' rows (the arrival barrier and the weights: one
-  small all-gather), then ``average_`` of a :func:`flat_views` buffer in place (the chunked, scaled fp32
-  all-reduce);
+- ``mesh``: the project's data plane (:mod:`mesh.dataplane`) as the averager uses it in a standing round: each
+  process hosts a ``StoreHost``, the process group comes from ``GroupCache.get`` (its first build is timed too,
+  reported as ``build``), and a round's work: :func:`exchange` of the members' rows (the arrival barrier and the
+  weights: one small all-gather), :func:`load_scaled_` of the accumulated values into a :func:`flat_views` buffer
+  with the member's share folded in (the one pass that replaces hivemind's copy-and-divide of the accumulators),
+  then ``average_``'s chunked fp32 SUM of the buffer in place;
 - ``hivemind``: hivemind's ``DecentralizedAverager`` (one ``hivemind.DHT`` per process, joined to the first), one
   ``step`` per repetition. Only the all-reduce is timed, not matchmaking: the step is started with
   ``require_trigger=True``; once every member reached ``AWAITING_TRIGGER`` the members pass a barrier, start the
@@ -21,12 +22,13 @@ sizes. Per size: one warm-up, which also checks the result against the closed-fo
 repetition's time is the slowest member's; the figure is the median over repetitions, and the bus bandwidth
 busbw = 4 * elements / seconds * 2 (n - 1) / n (what each member's link carries in a ring all-reduce), in GB/s
 (10^9 bytes). Ratios are of bus bandwidth: mesh/gloo is what the data plane costs over bare gloo (its exchange and
-scaling pass), hivemind/gloo what hivemind's own all-reduce would cost. Separate processes run one
+its load pass), hivemind/gloo what hivemind's own all-reduce would cost. Separate processes run one
 after the other, so a shared machine's load can differ between them; hence ``mesh/gloo_paired`` as well: in the
 mesh's processes every repetition first times a bare gloo all-reduce (SUM of one tensor) on the very process group
 the data plane uses, then bare gloo's mean (the SUM, then a division by the group size, as DDP's default hook does),
-then the data plane, back to back; ``mesh/gloo_paired`` and ``mesh/gloo_mean_paired`` are the medians over
-repetitions of the ratios of their times.
+then bare gloo after copying the accumulated values into its buffer, then the data plane, back to back;
+``mesh/gloo_paired``, ``mesh/gloo_mean_paired`` and ``mesh/gloo_load_paired`` are the medians over repetitions of
+the ratios of their times.
 
     python -m tests.bench.allreduce                                  # 1M, 10M, 25M elements; groups of 2 and 4
     python -m tests.bench.allreduce --sizes 1M --groups 2 --repeats 2
@@ -54,7 +56,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, exchange, flat_views
+from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, exchange, flat_views, load_scaled_
 
 METHODS = ("gloo", "mesh", "hivemind")
 PROBE = 4096  # leading elements compared against the closed-form result after the warm-up
@@ -167,27 +169,40 @@ def _run_mesh(rank: int, world: int, sizes: list[int], repeats: int, shared, bar
     return out
 
 
-def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrier) -> dict:
-    tensor, probe = _vector(elements, rank)
-    flat, views = flat_views([tensor])
-    bare = tensor  # the same values, for the paired bare all-reduce on the same process group
+# the mesh's paired baselines: (key in a member's figures, name in the ratios)
+PAIRED = (("paired_gloo_s", "gloo_paired"), ("paired_gloo_mean_s", "gloo_mean_paired"), ("paired_gloo_load_s", "gloo_load_paired"))
 
-    def work() -> None:  # what a round does: the members' rows (the arrival barrier, the weights), then the mean
+
+def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrier) -> dict:
+    accumulated, probe = _vector(elements, rank)  # what the member's accumulators hold (never changed here)
+    flat, views = flat_views([accumulated])
+    bare = accumulated.clone()  # the same values, for the paired bare all-reduces on the same process group
+
+    def work() -> None:  # a standing round: the rows (arrival barrier, weights), the share folded into the load, SUM
         rows = exchange(group, [1.0, 0.0, 0.0, 0.0, float(world), 0.0, 0.0])
-        average_(group, views, flat, share=1.0 / sum(row[0] for row in rows), compression="none")
+        load_scaled_(views, [accumulated], 1.0 / sum(row[0] for row in rows))
+        average_(group, views, flat, share=1.0, compression="none")
 
     barrier.wait(BARRIER_TIMEOUT)
     work()  # warm-up
     error = _check(flat, probe, (world + 1) / 2)
     # paired: each repetition times bare gloo (SUM of one tensor on this very process group), bare gloo's mean (the
-    # SUM, then a division, as DDP's default hook averages), then the data plane, back to back, so that all three
-    # see the same moment of a shared machine
-    times, paired, paired_mean = [], [], []
+    # SUM, then a division, as DDP's default hook averages), bare gloo after a copy of the accumulated values into
+    # its buffer (the least any average of accumulated gradients into a separate buffer does), then the data plane,
+    # back to back, so that all of them see the same moment of a shared machine
+    times, paired, paired_mean, paired_load = [], [], [], []
     for _ in range(repeats):
         paired += _timed(lambda: group.allreduce([bare]).wait(), barrier, 1, between=lambda: bare.div_(world))
         paired_mean += _timed(lambda: (group.allreduce([bare]).wait(), bare.div_(world)), barrier, 1)
+        paired_load += _timed(lambda: (bare.copy_(accumulated), group.allreduce([bare]).wait()), barrier, 1)
         times += _timed(work, barrier, 1)
-    return {"times_s": times, "paired_gloo_s": paired, "paired_gloo_mean_s": paired_mean, "check_error": error}
+    return {
+        "times_s": times,
+        "paired_gloo_s": paired,
+        "paired_gloo_mean_s": paired_mean,
+        "paired_gloo_load_s": paired_load,
+        "check_error": error,
+    }
 
 
 def _run_hivemind(rank: int, world: int, sizes: list[int], repeats: int, shared, barrier, options: dict) -> dict:
@@ -360,7 +375,7 @@ def run_method(method: str, world: int, sizes: list[int], repeats: int, options:
         }
         if "build_s" in per_member[0]:
             out[elements]["build_s"] = max(member["build_s"] for member in per_member)
-        for key, name in (("paired_gloo_s", "gloo_paired"), ("paired_gloo_mean_s", "gloo_mean_paired")):
+        for key, name in PAIRED:
             if key in per_member[0]:
                 paired = [max(member[key][i] for member in per_member) for i in range(repeats)]
                 # median over repetitions of (baseline time / data-plane time): the data plane's share of its busbw
@@ -419,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{m} {_cell(figures[m])}" for m in methods]
             if figures.get("mesh") and "build_s" in figures["mesh"]:
                 cells.append(f"mesh build {figures['mesh']['build_s'] * 1e3:.0f} ms")
-            for name in ("mesh/gloo_paired", "mesh/gloo_mean_paired"):
-                if figures.get("mesh") and name in figures["mesh"]:
-                    ratios[name] = figures["mesh"][name]
+            for _key, name in PAIRED:
+                if figures.get("mesh") and f"mesh/{name}" in figures["mesh"]:
+                    ratios[f"mesh/{name}"] = figures["mesh"][f"mesh/{name}"]
             line = f"{size_label(elements):>4} x{world}: " + " | ".join(cells)
             if ratios:
                 line += " | " + " ".join(f"{name}={value:.2f}" for name, value in ratios.items())

@@ -116,9 +116,11 @@ def assert_mean(got: list[torch.Tensor], want: list[torch.Tensor], compression: 
 @pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
 def test_average_is_the_weighted_mean(compression: str, group: int) -> None:
     with ExitStack() as stack:
-        members = start_members(group, stack, compression=compression)
+        members = start_members(group, stack, compression=compression, epochs=True)
         weights = [16 * (i + 1) for i in range(group)]
-        for round_ in (1, 2):  # the second round reuses the first one's process group
+        # the second round reuses the first one's process group; the group is then settled, so the third stands
+        # (no matchmaking, and the share folded into the load of the accumulators)
+        for round_ in (1, 2, 3):
             gathered = run_round(members, round_, weights)
             assert all(len(g) == group for g in gathered), gathered
             want = weighted_mean(members, round_, weights)
@@ -128,6 +130,7 @@ def test_average_is_the_weighted_mean(compression: str, group: int) -> None:
             for other in results[1:]:  # every member holds the same numbers, bit for bit
                 for a, b in zip(results[0], other):
                     assert torch.equal(a, b)
+        assert [m.averager.standing_rounds for m in members] == [1] * group
         assert [m.averager.data_plane_builds for m in members] == [1] * group  # built once, then cached
         assert [m.averager.data_plane_fallbacks for m in members] == [0] * group  # never hivemind's all-reduce
 
@@ -193,7 +196,11 @@ def test_member_killed_mid_allreduce_fails_the_round_within_the_timeout_then_sur
                 control.result(timeout + 5)
         assert time.monotonic() - killed < timeout + 2  # failed within the averaging timeout, no hang
         for member in survivors:
-            member.averager.notify_used_averaged_gradients()  # what hivemind.Optimizer does after a round
+            # what hivemind.Optimizer does after a failed round: reload the accumulators and step with the local
+            # gradient, which must be this member's own (hivemind's step had zeroed the accumulators before)
+            member.averager.load_accumulators_into_averager_()
+            assert_mean(member.averaged(), member.gradients(rounds + 1), "none")
+            member.averager.notify_used_averaged_gradients()
             assert member.averager.last_outcome == "failed"
             assert member.averager.wants_state_averaging  # the group will average parameters next
             member.averager.reset_accumulated_grads_()

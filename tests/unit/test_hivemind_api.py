@@ -79,6 +79,22 @@ def test_gradient_averager_hooks_used_for_round_accounting() -> None:
     assert "self.grad_averager.reset_accumulated_grads_()" in source(hivemind.Optimizer._update_global_epoch)
 
 
+def test_gradient_step_loads_then_weighs_then_triggers_and_the_fallback_reloads() -> None:
+    # MeshGradientAverager.step keeps the accumulators until the epoch ends, defers a standing round's load to the
+    # round (after the trigger), and relies on hivemind's fallback reloading the accumulators for the local gradient
+    assert "reset_accumulators" in parameters(GradientAverager.step)
+    body = source(GradientAverager.step)
+    load, weight, trigger = (
+        body.index(s) for s in ("self.load_accumulators_into_averager_()", "control.weight =", "control.allow_allreduce()")
+    )
+    assert load < weight < trigger
+    assert "self.local_samples_accumulated" in body  # the weight: read after the load, before the epoch's reset
+    assert "self.grad_averager.load_accumulators_into_averager_()" in source(hivemind.Optimizer._load_local_gradients_into_optimizer)
+    epoch = source(hivemind.Optimizer._update_global_epoch)  # the epoch's reset comes once the round is used
+    assert epoch.index("_average_gradients_and_load_into_optimizer") < epoch.rindex("self.grad_averager.reset_accumulated_grads_()")
+    assert callable(GradientAverager._grad_accumulators) and "local_times_accumulated" in source(GradientAverager.accumulate_grads_)
+
+
 def test_averager_internals_the_data_plane_hooks_into() -> None:
     assert parameters(DecentralizedAverager._aggregate_with_group)[:3] == ["self", "group_info", "min_vector_size"]
     assert parameters(DecentralizedAverager._step) == ["self", "step", "future_for_init"]
