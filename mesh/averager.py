@@ -118,8 +118,9 @@ class Match:
     gathered: dict  # peer id -> the member's gathered metadata
 
 
-# a member's row in a round's exchange (float64 each); "resync" and "leaving" are 0 or 1, "epoch" -1 when unknown
-ROW = ("weight", "epoch", "rate", "batch", "live", "resync", "leaving")
+# a member's row in a round's exchange (float64 each); "resync" and "leaving" are 0 or 1, "epoch" -1 when unknown,
+# "params" a digest of the member's parameters when the round checks them (parameter_digest), else NaN
+ROW = ("weight", "epoch", "rate", "batch", "live", "resync", "leaving", "params")
 PAUSE_AFTER_FAILED_BUILD = 10  # rounds on hivemind's all-reduce after a process group could not be built
 
 
@@ -133,7 +134,27 @@ def decode_row(row: list[float]) -> dict:
         "live": int(data["live"]),
         "resync": bool(data["resync"]),
         "leaving": bool(data["leaving"]),
+        "params": data["params"],
     }
+
+
+def parameter_digest(parameters: Iterable[torch.Tensor]) -> float:
+    """A number that equal parameters give alike, bit for bit (the same reductions of the same values), and unequal
+    ones almost never: the float64 sum of every value plus π times the sum of their squares. Read-only passes.
+    Blind to order (the same values elsewhere give the same digest), which the drift it looks for (members' steps
+    diverging by rounding or a missed round) never is."""
+    total = 0.0
+    with torch.no_grad():
+        for p in parameters:
+            flat = p.detach().reshape(-1)
+            total += float(flat.sum(dtype=torch.float64)) + math.pi * float(torch.dot(flat, flat))
+    return total
+
+
+def parameters_agree(gathered: dict) -> bool:
+    """Whether every member of a round's group checked its parameters and all digests are equal."""
+    digests = [data.get("params") for data in gathered.values() if isinstance(data, dict)]
+    return len(digests) == len(gathered) > 1 and all(isinstance(d, float) and math.isfinite(d) for d in digests) and len(set(digests)) == 1
 
 
 def settled(gathered: dict) -> bool:
@@ -186,6 +207,11 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         self.last_outcome: str | None = None
         self.last_group_size = 0
         self.wants_state_averaging = False
+        # the last ok round's group, the whole swarm, checked its parameters and found them equal: the routine
+        # parameter round of this epoch has nothing to do (MeshOptimizer.average_state_every)
+        self.parameters_agree = False
+        self.check_parameters: Callable[[], bool] | None = None  # whether this epoch's round checks parameters
+        self.state_rounds_skipped = 0
         self.resync_wanted = True  # a new member asks its first group to average parameters
         self.leaving = False  # set when this peer shuts down: its last round tells the group
         self.gradient_wire_bytes = 0
@@ -232,6 +258,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
             "live": data["live"],
             "resync": data["resync"],
             "leaving": self.leaving,
+            "params": parameter_digest(self.parameters) if self.check_parameters is not None and self.check_parameters() else math.nan,
         }
         return [float(values[name]) for name in ROW]
 
@@ -303,6 +330,8 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         # every member sees the same gathered metadata, so the whole group takes the same decisions: whether to
         # average parameters (in a group of the same size), and whether the next round skips matchmaking
         self.wants_state_averaging = asked or len(gathered) < live
+        self.parameters_agree = not self.wants_state_averaging and parameters_agree(gathered)
+        self.state_rounds_skipped += self.parameters_agree
         calm = settled(gathered)
         self._last_round = gathered, calm
         if isinstance(control, PlaneRound):
@@ -319,7 +348,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         if self.last_outcome is None:  # hivemind did not even start a round: nobody else was there
             self._record("local_only", 1)
         # the epoch's parameter-averaging decision has been taken; a drift shows in the next round's "resync"
-        self.last_outcome, self.wants_state_averaging = None, False
+        self.last_outcome, self.wants_state_averaging, self.parameters_agree = None, False, False
 
     @property
     def in_standing_group(self) -> bool:
@@ -341,6 +370,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
 
     def _record(self, outcome: str, size: int) -> None:
         self.last_outcome, self.last_group_size, self._last_round, self._standing = outcome, size, None, None
+        self.parameters_agree = False
         self.rounds[outcome] += 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
         self.resync_wanted = outcome != "ok"

@@ -150,7 +150,8 @@ class RunDefaults(Section):
     """Seconds before an averaging round is abandoned and the peer steps with its local gradients."""
     average_state_every: int = 10
     """Epochs between routine parameter averages (also done at once after a failed, partial or local-only round
-    and when a peer joins); 1 averages parameters every epoch, as hivemind's default."""
+    and when a peer joins); 1 averages parameters every epoch, as hivemind's default. A routine average is skipped
+    when the gradient round before it, with every live peer in, found all members' parameters equal."""
     seed: int = 0
     """Seed of the model's initial parameters (every peer of the run starts from the same ones)."""
 

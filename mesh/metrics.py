@@ -74,6 +74,11 @@ data_plane_fallbacks = Counter(
 standing_rounds = Counter(
     "mesh_peer_standing_rounds_total", "Gradient rounds in a standing group: no matchmaking, the last round's process group", ["run"]
 )
+state_rounds_skipped = Counter(
+    "mesh_peer_state_rounds_skipped_total",
+    "Routine parameter rounds skipped because the gradient round's group (every live peer) found its parameters equal",
+    ["run"],
+)
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
 state_download_duration = Histogram(
@@ -124,6 +129,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         data_plane_builds,
         data_plane_fallbacks,
         standing_rounds,
+        state_rounds_skipped,
     ):
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):

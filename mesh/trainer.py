@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # accuracy than it saves bytes.
 EIGHT_BIT_MIN_SIZE = 2**12
 PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress reports to the DHT (hivemind: every local step)
+NEVER = sys.maxsize  # an average_state_every that no epoch reaches
 PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
 LEAVE_WAIT = 5.0  # seconds a leaving member of a standing group waits to tag along in the group's next round
 
@@ -112,11 +113,19 @@ class MeshOptimizer(hivemind.Optimizer):
             self.grad_averager.on_state_group = self.state_averager.set_target_group_size
             self.grad_averager.local_rate = lambda: self.tracker.performance_ema.samples_per_second
             self.grad_averager.local_epoch = lambda: self.local_epoch
+            # the round that ends an epoch after which a routine parameter round is due checks the parameters first
+            self.grad_averager.check_parameters = lambda: (self.local_epoch + 1) % self.state_every == 0
 
     @property
     def average_state_every(self) -> int:  # read by hivemind every epoch, right after the gradient round
         averager = getattr(self, "grad_averager", None)
-        return 1 if averager is not None and averager.wants_state_averaging else self.state_every
+        if averager is None:
+            return self.state_every
+        if averager.wants_state_averaging:
+            return 1
+        if averager.parameters_agree:  # the routine round is due, and its group already found everyone equal
+            return NEVER
+        return self.state_every
 
     @average_state_every.setter
     def average_state_every(self, value: int) -> None:
@@ -249,6 +258,7 @@ class Progress:
     data_plane_builds: int = 0
     data_plane_fallbacks: int = 0
     standing_rounds: int = 0  # ok rounds in a standing group (no matchmaking)
+    state_rounds_skipped: int = 0  # routine parameter rounds not needed: the group's parameters were equal
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
     _epoch_first_sample: int = 0
@@ -433,6 +443,7 @@ class Trainer:
                 ("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
                 ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks),
                 ("standing_rounds", averager.standing_rounds, metrics.standing_rounds),
+                ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
             ):
                 counter.labels(self.record.run_id).inc(value - getattr(p, name))
                 setattr(p, name, value)

@@ -220,13 +220,18 @@ def test_a_settled_group_skips_matchmaking_until_someone_joins() -> None:
         for round_ in (1, 2):  # the first round asks to resync (new members); the second is settled
             run_round(pair, round_, [1, 1])
         assert [m.averager.standing_rounds for m in pair] == [0, 0]
-        # rounds 3 and 4 run in the standing group; in round 4 a member already counts a third live peer
+        # rounds 3 and 4 run in the standing group; in round 4 a member already counts a third live peer. From
+        # here on the pair's rounds check the members' parameters: equal in round 3, so the routine parameter
+        # round is skipped; not in round 4, whose group is not every live peer
+        for member in pair:
+            member.averager.check_parameters = lambda: True
         for round_, weights, live in ((3, [2, 1], 2), (4, [1, 3], 3)):
             controls = [m.start_round(round_, live, w) for m, w in zip(pair, weights)]
             assert all(isinstance(c, PlaneRound) and c.inner is None for c in controls)
             finish_round(pair, controls)
             for member in pair:
                 assert_mean(member.averaged(), weighted_mean(pair, round_, weights), "none")
+                assert member.averager.state_rounds_skipped == 1
         assert [m.averager.standing_rounds for m in pair] == [2, 2]
         # round 4 showed a third live peer, so round 5 finds its group through matchmaking, with the joiner in
         joiner = Member(2, stack, pair[0].dht.get_visible_maddrs(), epochs=True)
@@ -251,9 +256,16 @@ def test_a_settled_group_skips_matchmaking_until_someone_joins() -> None:
             assert_mean(member.averaged(), weighted_mean(pair, 7, [1, 2]), "none")
             assert not member.averager.in_standing_group  # a member left: the next round matches again
         joiner.averager.shutdown()
+        with torch.no_grad():
+            pair[1].params[1][0] += 1e-3  # the pair's parameters differ now: no skipping
         gathered = run_round(pair, 8, [1, 1])
         assert all(len(g) == 2 for g in gathered)
         assert [m.averager.rounds for m in pair] == [{"ok": 8, "failed": 0, "local_only": 0}] * 2
+        assert [m.averager.state_rounds_skipped for m in pair] == [1, 1]
+        with torch.no_grad():
+            pair[1].params[1][0] -= 1e-3  # equal again (0 + 1e-3 - 1e-3 is 0 in float32)
+        run_round(pair, 9, [1, 1])
+        assert [m.averager.state_rounds_skipped for m in pair] == [2, 2]
 
 
 def test_membership_change_rebuilds_the_group_and_averages_over_the_new_members() -> None:
