@@ -153,9 +153,14 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
 
 
 def load_scaled_(views: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], scale: float) -> None:
-    """``views[i] = sources[i] · scale``, one pass per tensor (no copy, then a scaling pass over the copy)."""
+    """``views[i] = sources[i] · scale``, one pass per tensor (no copy, then a scaling pass over the copy); a
+    source on another device or of another dtype (accumulators on a GPU, the buffer in host memory) is copied
+    first, then scaled, as hivemind does."""
     for view, source in zip(views, sources):
-        torch.mul(source, scale, out=view)
+        if source.device == view.device and source.dtype == view.dtype:
+            torch.mul(source, scale, out=view)
+        else:
+            view.copy_(source, non_blocking=True).mul_(scale)
 
 
 def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float | None = None) -> list[list[float]]:

@@ -114,3 +114,14 @@ def test_parameter_digests_tell_equal_parameters_from_unequal_ones() -> None:
     assert not parameters_agree({"a": {"params": digest}})  # a group of one has nothing to agree with
     assert not parameters_agree({"a": {"params": digest}, "b": None})  # malformed metadata
     assert not parameters_agree({"a": {"params": digest}, "b": {}})  # no digest (hivemind's all-reduce, an older peer)
+
+
+def test_load_scaled_writes_the_scaled_sources_into_the_views() -> None:
+    from mesh.dataplane import flat_views, load_scaled_
+
+    sources = [torch.randn(5, 3), torch.randn(7, dtype=torch.float64)]  # the second takes the copy-then-scale path
+    flat, views = flat_views([torch.zeros(5, 3), torch.zeros(7)])
+    load_scaled_(views, sources, 0.25)
+    torch.testing.assert_close(views[0], sources[0] * 0.25, rtol=0, atol=0)
+    torch.testing.assert_close(views[1], (sources[1] * 0.25).float())
+    assert flat.data_ptr() == views[0].data_ptr()  # in the shared buffer, not a copy
