@@ -175,7 +175,14 @@ def settled(gathered: dict) -> bool:
 
 class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverager):
     def __init__(
-        self, parameters: Iterable[torch.nn.Parameter], *, run_id: str, compression_name: str, data_plane_host: str | None, **kwargs: Any
+        self,
+        parameters: Iterable[torch.nn.Parameter],
+        *,
+        run_id: str,
+        compression_name: str,
+        data_plane_host: str | None,
+        nccl_device: torch.device | None = None,
+        **kwargs: Any,
     ) -> None:
         # compression_name (none, fp16, 8bit) picks the data plane's method; hivemind's ``compression`` codec is
         # the wire format on its own all-reduce and, for 8bit, on the data plane too
@@ -196,8 +203,16 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         self._groups = dataplane.GroupCache(data_plane_host, self._timeout) if data_plane_host is not None else None
         # the data plane's one thread: collectives run in order, off the training thread (hivemind's wait=False)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane") if data_plane_host is not None else None
-        self._standing: tuple[Any, list[PeerID]] | None = None  # (process group, members in rank order)
+        self._standing: tuple[Any, Any, list[PeerID]] | None = None  # (gloo group, NCCL group or None, members in rank order)
         self._plane_paused = 0  # rounds left on hivemind's all-reduce after a failed build
+        # NCCL (--data-plane nccl): offered on this CUDA device; a group where every member offers one moves its
+        # gradients there, through a buffer on the device; after an NCCL collective failed, not offered for a while
+        self._nccl_device = nccl_device if data_plane_host is not None else None
+        self._gpu = dataplane.gpu_identity(nccl_device) if self._nccl_device is not None else ""
+        self._nccl_paused = 0
+        self._gpu_flat: torch.Tensor | None = None
+        self._gpu_views: list[torch.Tensor] = []
+        self.nccl_rounds = 0  # ok rounds whose gradients moved on NCCL
         self.data_plane_builds = 0  # process groups built
         self.data_plane_fallbacks = 0  # process groups that could not be built
         self.standing_rounds = 0  # ok rounds that skipped matchmaking
@@ -232,7 +247,8 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
     def endpoint(self) -> dataplane.Endpoint | None:
         if self._store is None or self._plane_paused > 0:
             return None
-        return dataplane.Endpoint(self.data_plane_host, self._store.port, self._groups.current)
+        gpu = self._gpu if self._nccl_paused == 0 else ""
+        return dataplane.Endpoint(self.data_plane_host, self._store.port, self._groups.current, gpu)
 
     def _metadata(self) -> dict:
         endpoint = self.endpoint()
@@ -274,6 +290,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
             control = super().schedule_step(scheduled_time, **kwargs)
             if self._executor is not None:
                 self._plane_paused = max(0, self._plane_paused - 1)
+                self._nccl_paused = max(0, self._nccl_paused - 1)
                 control = PlaneRound(self._matched, self._executor, inner=control)
         self._round = control
         self.watcher.watch(control)
@@ -419,7 +436,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
             raise MatchmakingException(f"data plane: process group not built: {err}") from None
         self.data_plane_builds += self._groups.builds - builds
         ranked = sorted(match.gathered, key=lambda peer: peer.to_bytes())  # the process group's rank order
-        return self._reduce(group, ranked, match.gathered, round_)
+        return self._reduce(group, self._groups.nccl, ranked, match.gathered, round_)
 
     def arrival_timeout(self) -> float:
         """How long a round waits for its last member: members of a settled group end their planned epochs
@@ -429,27 +446,51 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         matchmaking = float(self.matchmaking_kwargs.get("min_matchmaking_time") or 0.0)
         return min(self._timeout, max(3 * matchmaking, 2 * epoch, 1.0))
 
-    def _reduce(self, group: Any, ranked: list[PeerID], gathered: dict, round_: PlaneRound) -> dict:
-        """Exchange the members' rows, then average the gradients in place; returns the round's metadata by peer."""
+    def _reduce(self, group: Any, nccl: Any, ranked: list[PeerID], gathered: dict, round_: PlaneRound) -> dict:
+        """Exchange the members' rows (on gloo), then average the gradients in place, on NCCL when the group has it
+        (8-bit's gathered codec stays on gloo); returns the round's metadata by peer."""
         round_.reducing = True
         started = time.perf_counter()
+        on_gpu = nccl is not None and self.compression_name != "8bit"
+        stage = "exchange"
         try:
             with self.get_tensors() as tensors:
                 rows = dataplane.exchange(group, self._row(round_.weight), self.arrival_timeout())
                 total = sum(row[0] for row in rows)
                 if total > 0:  # else every member tagged along with weight 0: nothing to average
-                    share = round_.weight / total
-                    if round_.load_scale is not None:  # the load was left to this round: fold the share into it
-                        dataplane.load_scaled_(tensors, list(self._grad_accumulators()), round_.load_scale * share)
-                        share = 1.0
-                    dataplane.average_(group, tensors, self._flat, share, self.compression_name, self.codec)
+                    stage = "nccl" if on_gpu else "gloo"
+                    if on_gpu:
+                        self._average_on_gpu(nccl, tensors, round_, round_.weight / total)
+                    else:
+                        self._average(group, tensors, self._flat, round_, round_.weight / total)
         except Exception as err:
             self._groups.drop()  # the next group with this member builds a fresh process group
-            raise MatchmakingException(f"data plane all-reduce failed: {err}") from None
+            if stage == "nccl":  # offer gloo only for a while: NCCL may be what fails here
+                self._nccl_paused = PAUSE_AFTER_FAILED_BUILD
+            raise MatchmakingException(f"data plane all-reduce failed ({stage}): {err}") from None
         self._last_round_end = time.monotonic()
-        logger.debug("data plane all-reduce size=%d seconds=%.3f", len(ranked), time.perf_counter() - started)
-        round_.group = (group, ranked)
+        self.nccl_rounds += on_gpu and total > 0
+        logger.debug("data plane all-reduce size=%d seconds=%.3f nccl=%s", len(ranked), time.perf_counter() - started, on_gpu)
+        round_.group = (group, nccl, ranked)
         return {peer: {**(gathered.get(peer) or {}), **decode_row(row)} for peer, row in zip(ranked, rows)}
+
+    def _average(self, group: Any, views: list[torch.Tensor], flat: torch.Tensor, round_: PlaneRound, share: float) -> None:
+        """The weighted mean into ``views`` (of ``flat``): a deferred load folds the share into itself."""
+        if round_.load_scale is not None:  # the load was left to this round: fold the share into it
+            dataplane.load_scaled_(views, list(self._grad_accumulators()), round_.load_scale * share)
+            share = 1.0
+        dataplane.average_(group, views, flat, share, self.compression_name, self.codec)
+
+    def _average_on_gpu(self, nccl: Any, tensors: list[torch.Tensor], round_: PlaneRound, share: float) -> None:
+        """The mean on NCCL, through a buffer on this peer's GPU, then into hivemind's host buffer (whence
+        hivemind.Optimizer copies it into the gradients, as on gloo)."""
+        with torch.cuda.device(self._nccl_device):
+            if self._gpu_flat is None:
+                self._gpu_flat, self._gpu_views = dataplane.flat_views(tensors, device=self._nccl_device)
+            if round_.load_scale is None:  # loaded into the host buffer before the round: bring it over
+                self._gpu_flat.copy_(self._flat)
+            self._average(nccl, self._gpu_views, self._gpu_flat, round_, share)
+            self._flat.copy_(self._gpu_flat)
 
     # ---- the averager's process: the group, found by hivemind's matchmaking ----
 

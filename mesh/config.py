@@ -31,7 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local")
-DATA_PLANES = ("gloo", "hivemind")
+DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
 SECRET_FIELDS = ("api_token", "mongo_url")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -180,8 +180,10 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N (several peers on one host, one GPU each)."""
     data_plane: str = "gloo"
-    """How a matched group's gradients move: gloo (torch's process groups; fast) or hivemind (its own all-reduce
-    over libp2p). A group uses gloo only when every member offers it."""
+    """How a matched group's gradients move: gloo (torch's process groups; fast), nccl (gloo, and the gradients on
+    NCCL in a group whose members are each on their own CUDA device; not yet run on a GPU machine) or hivemind (its
+    own all-reduce over libp2p). A group uses gloo only when every member offers it, NCCL only when every member
+    offers it."""
     data_plane_host: str | None = None
     """Address the other members of a group reach this peer's data plane at (gloo and its rendezvous store use
     extra TCP ports); derived from --host, then --announce, then this host's addresses when unset."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import socket
 from dataclasses import dataclass
 from typing import Sequence
@@ -46,27 +47,52 @@ CHUNK_ELEMENTS = 2**22  # 16 MB of float32 per collective
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What a member publishes to its group: where its store listens, and which group it last averaged in."""
+    """What a member publishes to its group: where its store listens, which group it last averaged in, and the GPU
+    it offers NCCL on (empty: none)."""
 
     host: str
     port: int
     last_group: int  # digest of the member's cached process group (0: none)
+    gpu: str = ""  # the CUDA device's identity (gpu_identity) when the member offers NCCL
 
     def to_wire(self) -> list:
-        return [self.host, self.port, self.last_group]
+        return [self.host, self.port, self.last_group, self.gpu]
 
     @classmethod
     def from_wire(cls, value: object) -> "Endpoint | None":
-        if isinstance(value, (list, tuple)) and len(value) == 3:
-            host, port, last = value
-            if isinstance(host, str) and all(type(v) is int for v in (port, last)) and 0 < port < 65536:
-                return cls(host, port, last)
+        if isinstance(value, (list, tuple)) and len(value) in (3, 4):
+            host, port, last, gpu = (*value, "")[:4]
+            if isinstance(host, str) and isinstance(gpu, str) and all(type(v) is int for v in (port, last)) and 0 < port < 65536:
+                return cls(host, port, last, gpu)
         return None
 
 
 def membership(members: Sequence[tuple[bytes, Endpoint]]) -> tuple:
-    """The group's identity: who, and at which store (a member that restarted has a new one)."""
-    return tuple((peer, e.host, e.port) for peer, e in sorted(members, key=lambda item: item[0]))
+    """The group's identity: who, at which store (a member that restarted has a new one), on which GPU."""
+    return tuple((peer, e.host, e.port, e.gpu) for peer, e in sorted(members, key=lambda item: item[0]))
+
+
+def nccl_usable(endpoints: Sequence[Endpoint]) -> bool:
+    """Whether a group's gradients can move on NCCL: every member offers a GPU, and no two the same one (NCCL refuses
+    two ranks of one communicator on one device)."""
+    gpus = [e.gpu for e in endpoints]
+    return len(gpus) > 1 and all(gpus) and len(set(gpus)) == len(gpus)
+
+
+def gpu_identity(device: torch.device) -> str:
+    """A CUDA device's identity across processes and hosts: its UUID (the same GPU seen from two processes, even
+    under different indices, gives the same one)."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return str(uuid) if uuid is not None else f"{socket.gethostname()}/{device}"  # an older torch: host and index
+
+
+def nccl_error_handling() -> None:
+    """NCCL's defaults tear the whole process down when a collective times out or fails
+    (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``), and ``wait()`` only orders the GPU stream: a member that died would kill
+    its group's survivors, or hand them a half-reduced buffer as done. Abort the communicator only, and make
+    ``wait()`` block and raise (set before the first NCCL process group; a user's own setting wins)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
 
 
 def digest(key: tuple) -> int:
@@ -107,6 +133,7 @@ class GroupCache:
         self.timeout = datetime.timedelta(seconds=timeout)
         self._key: tuple | None = None
         self._group: dist.ProcessGroup | None = None
+        self.nccl: dist.ProcessGroup | None = None  # the same members on NCCL, when every member offers a GPU
         self.builds = 0
 
     @property
@@ -131,18 +158,25 @@ class GroupCache:
             options._timeout = self.timeout
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.local_host)]
             self._group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, client), rank, len(ordered), options)
+            if nccl_usable([endpoint for _, endpoint in ordered]):
+                nccl_error_handling()
+                nccl_options = dist.ProcessGroupNCCL.Options()
+                nccl_options._timeout = self.timeout
+                self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "/nccl", client), rank, len(ordered), nccl_options)
             self._key = key
             self.builds += 1
         return self._group, rank
 
     def drop(self) -> None:
-        self._key, self._group = None, None
+        self._key, self._group, self.nccl = None, None, None
 
 
-def flat_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One contiguous float32 buffer in shared memory and views of it shaped like ``tensors`` (filled from them):
-    averaged in place, with no copy in or out."""
-    flat = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32).share_memory_()
+def flat_views(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One contiguous float32 buffer and views of it shaped like ``tensors`` (filled from them): averaged in place,
+    with no copy in or out. In shared memory (hivemind's averager process reads it) unless on a ``device``."""
+    flat = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32, device=device)
+    if device is None:
+        flat.share_memory_()
     views, offset = [], 0
     for t in tensors:
         view = flat[offset : offset + t.numel()].view(t.shape)

@@ -74,6 +74,7 @@ data_plane_fallbacks = Counter(
 standing_rounds = Counter(
     "mesh_peer_standing_rounds_total", "Gradient rounds in a standing group: no matchmaking, the last round's process group", ["run"]
 )
+nccl_rounds = Counter("mesh_peer_nccl_rounds_total", "Gradient rounds whose gradients moved on NCCL (--data-plane nccl)", ["run"])
 state_rounds_skipped = Counter(
     "mesh_peer_state_rounds_skipped_total",
     "Routine parameter rounds skipped because the gradient round's group (every live peer) found its parameters equal",
@@ -129,6 +130,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         data_plane_builds,
         data_plane_fallbacks,
         standing_rounds,
+        nccl_rounds,
         state_rounds_skipped,
     ):
         metric.labels(run)

@@ -25,7 +25,7 @@ class PlaneRound:
         self._weight = 0.0
         self._triggered = False
         self.reducing = False  # set by ``work`` once the tensors move
-        self.group: Any = None  # set by ``work`` when the round ran on the data plane: (process group, members)
+        self.group: Any = None  # set by ``work`` when the round ran on the data plane: (gloo group, NCCL group, members)
         # set when the accumulated gradients are to be loaded by ``work`` itself (scaled by its share), not before
         # the trigger: 1 / the number of accumulation steps
         self.load_scale: float | None = None

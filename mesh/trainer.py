@@ -99,6 +99,19 @@ def gradients_finite(model: torch.nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all())
 
 
+def nccl_device(device: torch.device) -> torch.device | None:
+    """The device this peer offers NCCL on (--data-plane nccl), or None (with one line saying why) off CUDA or
+    without NCCL in this torch build: its groups then use gloo."""
+    if device.type != "cuda" or not torch.distributed.is_nccl_available():
+        logger.warning(
+            "--data-plane nccl: this peer is on %s%s; its groups average on gloo",
+            device,
+            "" if device.type != "cuda" else " without NCCL in torch",
+        )
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 class MeshOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with the mesh's averagers (:mod:`mesh.averager`): each round's group closes once every
     live peer is in, gradients move on torch's process groups, and parameters are averaged only when they can have
@@ -258,6 +271,7 @@ class Progress:
     data_plane_builds: int = 0
     data_plane_fallbacks: int = 0
     standing_rounds: int = 0  # ok rounds in a standing group (no matchmaking)
+    nccl_rounds: int = 0  # ok rounds whose gradients moved on NCCL
     state_rounds_skipped: int = 0  # routine parameter rounds not needed: the group's parameters were equal
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
@@ -287,6 +301,7 @@ class Trainer:
         fault_nan_step: int | None = None,
         min_step_time: float | None = None,
         data_plane_host: str | None = None,
+        nccl: bool = False,
     ) -> None:
         self.record, self.task, self.device = record, task, device
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
@@ -308,6 +323,7 @@ class Trainer:
             run_id=record.run_id,
             compression_name=record.compression,
             data_plane_host=data_plane_host,
+            nccl_device=nccl_device(device) if nccl and data_plane_host is not None else None,
         )
         self.opt = MeshOptimizer(
             dht=dht,
@@ -443,6 +459,7 @@ class Trainer:
                 ("data_plane_builds", averager.data_plane_builds, metrics.data_plane_builds),
                 ("data_plane_fallbacks", averager.data_plane_fallbacks, metrics.data_plane_fallbacks),
                 ("standing_rounds", averager.standing_rounds, metrics.standing_rounds),
+                ("nccl_rounds", averager.nccl_rounds, metrics.nccl_rounds),
                 ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
             ):
                 counter.labels(self.record.run_id).inc(value - getattr(p, name))

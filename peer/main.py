@@ -82,8 +82,9 @@ def run(config: PeerConfig) -> int:
             fault_nan_step=config.fault_nan_step,
             min_step_time=config.min_step_time,
             data_plane_host=None
-            if config.data_plane != "gloo"
+            if config.data_plane == "hivemind"
             else data_plane_host(config.data_plane_host, config.host, config.announce, dht),
+            nccl=config.data_plane == "nccl",
         )
         # hivemind's averagers set SIGINT to "ignore" in this process as they start (DecentralizedAverager.
         # run_in_background), so Ctrl-C did nothing: take the signals back

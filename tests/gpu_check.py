@@ -3,10 +3,12 @@
 What it does, on 127.0.0.1:
 
 1. starts ``mesh bootstrap`` and two ``mesh peer`` processes on the demo task (``--bf16``, ``--device cuda:0`` and
-   ``cuda:1`` when there are two GPUs, else both on ``cuda:0``), each in its own session, logs in a temp workdir;
+   ``cuda:1`` when there are two GPUs, else both on ``cuda:0``; ``--data-plane nccl``), each in its own session,
+   logs in a temp workdir;
 2. waits for both to leave at ``--max-epochs`` (within ``--timeout``), scraping their ``/metrics`` meanwhile;
 3. checks: both exited 0, their final checkpoints hold equal parameters, each status file counts at least one
-   successful averaging round, and the demo loss on a fixed batch fell from the initial parameters to the final ones;
+   successful averaging round (on two GPUs at least one on NCCL; on one GPU none, since NCCL refuses two ranks on
+   one device), and the demo loss on a fixed batch fell from the initial parameters to the final ones;
 4. measures step overhead: a plain PyTorch loop on the same device (same model, batch size, optimizer, autocast)
    against ``mesh_peer_step_duration_seconds`` of each peer, and the run's global samples/s.
 
@@ -215,6 +217,9 @@ def run_mesh(args, workdir: Path, devices: list[str], bf16: bool, cpu: bool, pro
                 str(args.target_batch_size),
                 "--device",
                 device,
+                # NCCL where the two peers are on two GPUs; on one GPU (or CPU) their group stays on gloo
+                "--data-plane",
+                "nccl",
                 *(["--bf16"] if bf16 else []),
                 *(["--threads", "1"] if cpu else []),
             ],
@@ -261,12 +266,20 @@ def check_results(peers: list[MeshProcess], devices: list[str], max_epochs: int,
             state=status.get("state"),
             samples=status.get("samples"),
             local_steps=status.get("local_steps"),
+            nccl_rounds=status.get("nccl_rounds"),
         )
         if not status:
             failures.append(f"{peer.name} wrote no status file")
             continue
         if ok_rounds < 1:
             failures.append(f"{peer.name} had no successful averaging round (rounds {status.get('rounds')})")
+        # two GPUs: the data plane moves the gradients on NCCL; one GPU (NCCL refuses two ranks on it) or CPU: gloo
+        on_nccl = len(set(devices)) == len(devices) and all(d.startswith("cuda") for d in devices)
+        nccl_rounds = status.get("nccl_rounds") or 0
+        if on_nccl and nccl_rounds < 1:
+            failures.append(f"{peer.name} is on its own GPU but no round moved on NCCL (status {status})")
+        if not on_nccl and nccl_rounds:
+            failures.append(f"{peer.name} shares a device with the other peer, yet {nccl_rounds} rounds ran on NCCL")
         if status.get("device") != device:
             failures.append(f"{peer.name} trained on {status.get('device')!r}, not {device!r}")
         if (status.get("epoch") or 0) < max_epochs:

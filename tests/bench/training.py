@@ -235,6 +235,8 @@ def _round_counts(mesh: "Mesh") -> dict[str, float]:
         for outcome in ("ok", "failed", "local_only")
     }
     counts["standing"] = sum(metric(p, "mesh_peer_standing_rounds_total") for p in pages)
+    # routine parameter rounds skipped because the members' parameters were found equal (absent before 651e616)
+    counts["state_skipped"] = sum(metric(p, "mesh_peer_state_rounds_skipped_total") for p in pages)
     return counts
 
 
@@ -357,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  mesh/ddp_eq of each pair: " + " ".join(f"{r:.2f}" for r in pair_ratios), flush=True)
         print("  mesh CPU share of the machine: " + " ".join(f"{k}={v:.0%}" for k, v in cpu.items()), flush=True)
         print(
-            "  mesh rounds per window (both peers; standing = ok without matchmaking): "
-            + " | ".join(" ".join(f"{k}={v:.0f}" for k, v in w.items()) for w in windows),
+            "  mesh rounds per window (both peers; standing = ok without matchmaking, state_skipped = routine parameter "
+            "rounds found unneeded): " + " | ".join(" ".join(f"{k}={v:.0f}" for k, v in w.items()) for w in windows),
             flush=True,
         )
     if args.straggler:

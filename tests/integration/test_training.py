@@ -70,11 +70,14 @@ def reference_eval_loss(steps: int, seed: int) -> float:
 def test_two_peers_agree_and_learn_like_a_single_process(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     # the routine parameter round every 2 epochs: it is skipped when the gradient round found the parameters equal
     extra = ("--max-epochs", str(EPOCHS), "--min-peers", "2", "--average-state-every", "2")
-    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *extra)) for n in ("a", "b")]
+    # peer b asks for NCCL, which a CPU peer cannot offer: it says so once, and its groups average on gloo
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *extra, *more)) for n, more in (("a", ()), ("b", ("--data-plane", "nccl")))]
     for peer in peers:
         assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
     final = assert_same_parameters(*peers)
     assert all(peer.status()["state_rounds_skipped"] >= 1 for peer in peers), [peer.status() for peer in peers]
+    assert peers[1].output().count("--data-plane nccl: this peer is on cpu; its groups average on gloo") == 1
+    assert all(peer.status()["nccl_rounds"] == 0 for peer in peers)
     # an epoch is the run's target batch (512) over both peers, not 512 per peer (as when a peer never sees the
     # other's progress): allow 40% over for the start-up steps and reports in flight at each epoch's end
     assert sum(peer.status()["samples"] for peer in peers) <= 1.4 * EPOCHS * 512

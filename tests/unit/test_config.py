@@ -50,7 +50,7 @@ def test_env_types_are_coerced() -> None:
         ({}, "--run is required"),
         ({"run": "r", "log_format": "xml"}, "--log-format must be one of text, json"),
         ({"run": "r", "device": "cuda:x"}, "--device must be one of auto, cpu, cuda or cuda:N"),
-        ({"run": "r", "data_plane": "nccl"}, "--data-plane must be one of gloo, hivemind"),
+        ({"run": "r", "data_plane": "mpi"}, "--data-plane must be one of gloo, nccl, hivemind"),
         ({"run": "r", "average_state_every": "0"}, "--average-state-every must be > 0"),
     ],
 )

@@ -9,23 +9,36 @@ import time
 
 import torch
 
-from mesh.dataplane import Endpoint, GroupCache, digest, membership
+from mesh.dataplane import Endpoint, GroupCache, digest, membership, nccl_usable
 from mesh.dht import data_plane_host
 from mesh.tracker import ReportThrottle
 
 
 def test_endpoint_round_trips_and_refuses_malformed_values() -> None:
-    endpoint = Endpoint("10.0.0.2", 4242, 77)
-    assert Endpoint.from_wire(endpoint.to_wire()) == endpoint
-    for bad in (None, [], ["h", 1], ["h", 0, 1], ["h", 70000, 1], ["h", True, 1], ["h", 1, False], [1, 2, 3], "h:1:2"):
+    for endpoint in (Endpoint("10.0.0.2", 4242, 77), Endpoint("10.0.0.2", 4242, 77, "GPU-1234")):
+        assert Endpoint.from_wire(endpoint.to_wire()) == endpoint
+    assert Endpoint.from_wire(["h", 1, 2]) == Endpoint("h", 1, 2, "")  # an older peer's: no GPU offered
+    for bad in (None, [], ["h", 1], ["h", 0, 1], ["h", 70000, 1], ["h", True, 1], ["h", 1, False], [1, 2, 3], "h:1:2", ["h", 1, 2, 3]):
         assert Endpoint.from_wire(bad) is None, bad
+
+
+def test_nccl_only_when_every_member_offers_its_own_gpu() -> None:
+    def members(*gpus: str) -> list[Endpoint]:
+        return [Endpoint("127.0.0.1", 1000 + i, 0, gpu) for i, gpu in enumerate(gpus)]
+
+    assert nccl_usable(members("GPU-a", "GPU-b", "GPU-c"))
+    assert not nccl_usable(members("GPU-a", ""))  # a member on CPU, or one that withholds NCCL after a failure
+    assert not nccl_usable(members("GPU-a", "GPU-a"))  # two ranks on one GPU: NCCL refuses them
+    assert not nccl_usable(members("GPU-a"))
+    # the GPU is part of the group's identity: a member that moved to another device means a new process group
+    assert membership([(b"a", Endpoint("h", 1, 0, "GPU-a"))]) != membership([(b"a", Endpoint("h", 1, 0, "GPU-b"))])
 
 
 def test_a_group_is_reused_only_when_every_member_holds_it() -> None:
     cache = GroupCache("127.0.0.1", timeout=1.0)
     members = [(b"b", Endpoint("127.0.0.1", 2, 0)), (b"a", Endpoint("127.0.0.1", 1, 0))]
     key = membership(members)
-    assert key == ((b"a", "127.0.0.1", 1), (b"b", "127.0.0.1", 2))  # sorted by peer id, whatever hivemind's order
+    assert key == ((b"a", "127.0.0.1", 1, ""), (b"b", "127.0.0.1", 2, ""))  # sorted by peer id, whatever hivemind's order
     sentinel = object()
     cache._key, cache._group = key, sentinel  # as after a build
     holding = [(peer, Endpoint(e.host, e.port, digest(key))) for peer, e in members]
