@@ -143,25 +143,34 @@ def parameter_digest(parameters: Iterable[torch.Tensor]) -> float:
     ones almost never: the float64 sum of every value plus π times the sum of their squares. Read-only passes.
     Blind to order (the same values elsewhere give the same digest), which the drift it looks for (members' steps
     diverging by rounding or a missed round) never is."""
-    total = 0.0
     with torch.no_grad():
-        for p in parameters:
-            flat = p.detach().reshape(-1)
-            total += float(flat.sum(dtype=torch.float64)) + math.pi * float(torch.dot(flat, flat))
-    return total
+        terms = [
+            flat.sum(dtype=torch.float64) + math.pi * torch.dot(flat, flat).double()
+            for flat in (p.detach().reshape(-1) for p in parameters)
+        ]
+        return float(torch.stack(terms).sum()) if terms else 0.0  # one read back (a GPU peer's: one sync)
+
+
+def complete_rows(gathered: dict) -> list[dict] | None:
+    """Every member's metadata of a round, or None when some member's is malformed (another version) or none came."""
+    rows = [data for data in gathered.values() if isinstance(data, dict)]
+    return rows if rows and len(rows) == len(gathered) else None
 
 
 def parameters_agree(gathered: dict) -> bool:
     """Whether every member of a round's group checked its parameters and all digests are equal."""
-    digests = [data.get("params") for data in gathered.values() if isinstance(data, dict)]
-    return len(digests) == len(gathered) > 1 and all(isinstance(d, float) and math.isfinite(d) for d in digests) and len(set(digests)) == 1
+    rows = complete_rows(gathered)
+    if rows is None or len(rows) < 2:
+        return False
+    digests = [data.get("params") for data in rows]
+    return all(isinstance(d, float) and math.isfinite(d) for d in digests) and len(set(digests)) == 1
 
 
 def settled(gathered: dict) -> bool:
     """Whether a round's group was settled: every live peer in, all in one epoch, nobody new, drifted or leaving.
     Every member sees the same metadata, so all members decide alike."""
-    rows = [data for data in gathered.values() if isinstance(data, dict)]
-    if len(rows) != len(gathered) or not rows:
+    rows = complete_rows(gathered)
+    if rows is None:
         return False
     live = max(int(data.get("live") or 0) for data in rows)
     epochs = {data.get("epoch") for data in rows}
@@ -387,7 +396,6 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
 
     def _record(self, outcome: str, size: int) -> None:
         self.last_outcome, self.last_group_size, self._last_round, self._standing = outcome, size, None, None
-        self.parameters_agree = False
         self.rounds[outcome] += 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
         self.resync_wanted = outcome != "ok"

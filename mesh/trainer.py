@@ -323,7 +323,7 @@ class Trainer:
             run_id=record.run_id,
             compression_name=record.compression,
             data_plane_host=data_plane_host,
-            nccl_device=nccl_device(device) if nccl and data_plane_host is not None else None,
+            nccl_device=nccl_device(device) if nccl else None,
         )
         self.opt = MeshOptimizer(
             dht=dht,
