@@ -212,6 +212,24 @@ class MeshOptimizer(hivemind.Optimizer):
         self.tracker.plan_epoch(self.local_epoch, steps[me] * batch, len(members))
         logger.debug("epoch plan epoch=%d steps=%d samples=%d", self.local_epoch, steps[me], steps[me] * batch)
 
+    @property
+    def optimized_parameters(self) -> list[torch.Tensor]:
+        """The tensors the optimizer steps: with an offloaded optimizer (hivemind's default with gradient averaging)
+        its own copy of the model's parameters, which every step copies into the model."""
+        return [param for group in self.opt.param_groups for param in group["params"]]
+
+    @torch.no_grad()
+    def set_optimized_parameters(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite the optimizer's parameters (and the model's, when they are a copy): after a checkpoint is
+        loaded into the model, the optimizer's copy still holds the initial parameters, and its next step would
+        write those back into the model."""
+        with self.state_averager.lock_averaged_tensors:
+            for param, tensor in zip(self.optimized_parameters, tensors, strict=True):
+                param.copy_(tensor)
+            for main, param in zip(self.state_averager.main_parameters, self.optimized_parameters):
+                if main is not param:
+                    main.copy_(param)
+
     def shutdown(self) -> None:
         averager = self.grad_averager
         if averager is not None and not averager.leaving:
@@ -390,6 +408,7 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.opt.set_optimized_parameters([p.detach() for p in self.model.parameters()])
         self.progress.epoch = self.opt.local_epoch
         logger.info("resumed from checkpoint dir=%s epoch=%d", self.checkpoint_dir, self.opt.local_epoch)
 

@@ -239,7 +239,11 @@ def test_checkpoint_resume_continues_from_the_saved_epoch(bootstrap: str, mesh_p
     assert "resumed from checkpoint" in again.output() and "epoch=3" in again.output()
     status = again.status()
     assert status["epoch"] == 5 and status["local_steps"] < 3 * 32  # two epochs of work, not five
-    assert not torch.equal(again.load_parameters()["weight"], saved["weight"])  # and it kept training
+    resumed = again.load_parameters()
+    assert not torch.equal(resumed["weight"], saved["weight"])  # and it kept training
+    # from the saved parameters: two more epochs of SGD lower the loss (the optimizer steps a copy of the
+    # parameters, which a resume that loaded only the model's left at their initial values: the loss went back up)
+    assert eval_loss(resumed) < eval_loss(saved), (eval_loss(resumed), eval_loss(saved))
 
 
 def _exit_collecting_helpers(process: MeshProcess, timeout: float) -> int:
