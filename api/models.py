@@ -18,7 +18,7 @@ RunStatus = Literal["created", "running", "stopped", "finished", "failed"]
 PeerStatus = Literal["alive", "left", "lost"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Compression = Literal["none", "fp16", "8bit"]
-Averaging = Literal["gradients", "local"]
+Averaging = Literal["gradients", "local", "diloco"]
 
 
 def utcnow() -> datetime:
@@ -45,6 +45,9 @@ class Hyperparameters(Strict):
     matchmaking_time: float = Field(3.0, gt=0, le=600)
     averaging_timeout: float = Field(30.0, gt=0, le=3600)
     average_state_every: int = Field(10, ge=1, le=1_000_000, description="Epochs between routine parameter averages")
+    inner_steps: int = Field(100, ge=1, le=1_000_000, description="averaging diloco: local steps per peer between outer steps")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="averaging diloco: the outer Nesterov SGD's learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="averaging diloco: the outer Nesterov SGD's momentum")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

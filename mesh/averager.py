@@ -283,7 +283,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
             "live": data["live"],
             "resync": data["resync"],
             "leaving": self.leaving,
-            "params": parameter_digest(self.parameters) if self.check_parameters is not None and self.check_parameters() else math.nan,
+            "params": parameter_digest(self.checked_parameters()) if self.check_parameters and self.check_parameters() else math.nan,
         }
         return [float(values[name]) for name in ROW]
 
@@ -324,19 +324,33 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         finally:
             self._in_step = False
 
+    # ---- what is averaged: the accumulated gradients (a subclass averages something else: mesh.diloco) ----
+
+    def checked_parameters(self) -> Iterable[torch.Tensor]:
+        """The parameters whose digest a round compares (members that agree on them step alike)."""
+        return self.parameters
+
+    def load_scale(self) -> float:
+        """The factor the accumulators are loaded with: the mean over the accumulation steps."""
+        times = self.local_times_accumulated
+        return 1.0 / times if times else 0.0
+
+    def load_into_(self, buffers: list[torch.Tensor], scale: float) -> None:
+        """This member's contribution times ``scale`` into ``buffers``, in one pass."""
+        dataplane.load_scaled_(buffers, list(self._grad_accumulators()), scale)
+
     @torch.no_grad()
     def load_accumulators_into_averager_(self) -> None:
-        """The accumulated gradients, divided by the number of accumulation steps, into the averaging buffer, in
-        one pass. A standing round's step defers it to the round itself, which folds its share of the group's
-        weight into the same pass once the exchange has told it (:func:`mesh.dataplane.load_scaled_`)."""
-        times = self.local_times_accumulated
-        scale = 1.0 / times if times else 0.0
+        """This member's contribution (the accumulated gradients, divided by the number of accumulation steps) into
+        the averaging buffer, in one pass. A standing round's step defers it to the round itself, which folds its
+        share of the group's weight into the same pass once the exchange has told it (:meth:`load_into_`)."""
+        scale = self.load_scale()
         round_ = self._round
         if self._in_step and isinstance(round_, PlaneRound) and round_.inner is None and not round_.triggered:
             round_.load_scale = scale
             return
         with self.get_tensors() as averaged:
-            dataplane.load_scaled_(averaged, list(self._grad_accumulators()), scale)
+            self.load_into_(list(averaged), scale)
 
     def notify_used_averaged_gradients(self) -> None:
         super().notify_used_averaged_gradients()
@@ -346,8 +360,8 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
             return
         try:
             gathered = control.result(timeout=0)
-        except BaseException:  # hivemind logged why; the peer stepped with its local gradient
-            self._record("failed", 1)
+        except BaseException as err:  # the peer stepped with its local gradient
+            self._record("failed", 1, reason=f"{type(err).__name__}: {err}")
             return
         self._record("ok", len(gathered))
         rows = [data for data in gathered.values() if isinstance(data, dict)]
@@ -394,7 +408,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         """The next round goes through matchmaking (this peer took the newest state, or is leaving)."""
         self._standing = None
 
-    def _record(self, outcome: str, size: int) -> None:
+    def _record(self, outcome: str, size: int, reason: str = "") -> None:
         self.last_outcome, self.last_group_size, self._last_round, self._standing = outcome, size, None, None
         self.rounds[outcome] += 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
@@ -405,7 +419,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         if outcome == "ok":
             record_traffic(self.run_id, self.gradient_wire_bytes, size)
         if outcome == "failed":
-            logger.warning("averaging round failed; stepped with the local gradient")
+            logger.warning("averaging round failed (%s); stepped with the local gradient", reason or "no result")
 
     def shutdown(self) -> None:
         self.watcher.stop()
@@ -485,7 +499,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
     def _average(self, group: Any, views: list[torch.Tensor], flat: torch.Tensor, round_: PlaneRound, share: float) -> None:
         """The weighted mean into ``views`` (of ``flat``): a deferred load folds the share into itself."""
         if round_.load_scale is not None:  # the load was left to this round: fold the share into it
-            dataplane.load_scaled_(views, list(self._grad_accumulators()), round_.load_scale * share)
+            self.load_into_(views, round_.load_scale * share)
             share = 1.0
         dataplane.average_(group, views, flat, share, self.compression_name, self.codec)
 

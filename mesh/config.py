@@ -30,7 +30,7 @@ ENV_PREFIX = "MESH_"
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
-AVERAGING_MODES = ("gradients", "local")
+AVERAGING_MODES = ("gradients", "local", "diloco")
 DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
 SECRET_FIELDS = ("api_token", "mongo_url")
@@ -135,13 +135,23 @@ class RunDefaults(Section):
     batch_size: int | None = None
     """Samples per local step (the task's default when unset)."""
     target_batch_size: int | None = None
-    """Samples accumulated across all peers before every peer steps: one epoch (the task's default when unset)."""
+    """Samples accumulated across all peers before every peer steps: one epoch (the task's default when unset).
+    With --averaging diloco an epoch (one outer step) is --inner-steps local steps per live peer instead."""
     optimizer: str | None = None
     """sgd, adam or adamw (the task's default when unset)."""
     lr: float | None = None
     """Learning rate (the task's default when unset)."""
     averaging: str = "gradients"
-    """gradients: average gradients every epoch; local: step locally and average parameters every epoch."""
+    """gradients: average gradients every epoch; local: step locally and average parameters every epoch; diloco:
+    step locally (the task's optimizer) for --inner-steps steps, then average the change of the parameters since
+    the last outer step and apply it with Nesterov SGD (--outer-lr, --outer-momentum), for slow links."""
+    inner_steps: int = 100
+    """--averaging diloco: local optimizer steps per peer between outer steps (on average over the group: faster
+    peers take more, slower ones fewer, so that all arrive together)."""
+    outer_lr: float = 0.7
+    """--averaging diloco: the outer optimizer's learning rate (Nesterov SGD; 0.7 as in the DiLoCo paper)."""
+    outer_momentum: float = 0.9
+    """--averaging diloco: the outer optimizer's Nesterov momentum, in [0, 1)."""
     compression: str = "none"
     """Wire format for averaged tensors: none, fp16 or 8bit."""
     matchmaking_time: float = 3.0
@@ -162,6 +172,10 @@ class RunDefaults(Section):
         if self.optimizer is not None:
             _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("averaging", self.averaging, AVERAGING_MODES)
+        _check_positive("inner_steps", self.inner_steps)
+        _check_positive("outer_lr", self.outer_lr)
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
         _check_choice("compression", self.compression, COMPRESSIONS)
         _check_positive("matchmaking_time", self.matchmaking_time)
         _check_positive("averaging_timeout", self.averaging_timeout)

@@ -197,6 +197,19 @@ def load_scaled_(views: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
             view.copy_(source, non_blocking=True).mul_(scale)
 
 
+def load_difference_(
+    views: Sequence[torch.Tensor], minuends: Sequence[torch.Tensor], subtrahends: Sequence[torch.Tensor], scale: float
+) -> None:
+    """``views[i] = (minuends[i] - subtrahends[i]) · scale``: one subtraction into the view, then the scale (none
+    when it is 1); operands on another device or of another dtype are brought to the view's first. Outside autograd
+    (the operands are often parameters; the data-plane thread runs with grad mode on, as every new thread does)."""
+    with torch.no_grad():
+        for view, minuend, subtrahend in zip(views, minuends, subtrahends, strict=True):
+            torch.sub(minuend.to(view.device, view.dtype), subtrahend.to(view.device, view.dtype), out=view)
+            if scale != 1.0:
+                view.mul_(scale)
+
+
 def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float | None = None) -> list[list[float]]:
     """Every member's ``values`` (the same length on every member), in rank order: one all-gather, which waits for
     the last member at most ``timeout`` seconds (else the group's own timeout); past it, it raises."""

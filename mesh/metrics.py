@@ -80,6 +80,11 @@ state_rounds_skipped = Counter(
     "Routine parameter rounds skipped because the gradient round's group (every live peer) found its parameters equal",
     ["run"],
 )
+outer_steps = Counter("mesh_peer_outer_steps_total", "--averaging diloco: outer optimizer steps taken", ["run"])
+pseudo_gradient_norm = Gauge(
+    "mesh_peer_pseudo_gradient_norm", "--averaging diloco: L2 norm of the pseudo-gradient of the last outer step", ["run"]
+)
+inner_steps = Gauge("mesh_peer_inner_steps_per_outer_step", "--averaging diloco: this peer's local steps in the last outer step", ["run"])
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
 state_download_duration = Histogram(
@@ -132,6 +137,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         standing_rounds,
         nccl_rounds,
         state_rounds_skipped,
+        outer_steps,
     ):
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):

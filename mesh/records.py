@@ -53,6 +53,9 @@ class RunRecord(pydantic.BaseModel):
     matchmaking_time: pydantic.confloat(strict=True, gt=0)
     averaging_timeout: pydantic.confloat(strict=True, gt=0)
     average_state_every: pydantic.conint(strict=True, ge=1) = 10
+    inner_steps: pydantic.conint(strict=True, ge=1) = 100  # --averaging diloco
+    outer_lr: pydantic.confloat(strict=True, gt=0) = 0.7
+    outer_momentum: pydantic.confloat(strict=True, ge=0, lt=1) = 0.9
     seed: pydantic.StrictInt
     created_at: pydantic.StrictFloat
     mesh_version: pydantic.StrictStr
@@ -119,6 +122,9 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
         matchmaking_time=float(hyper["matchmaking_time"]),
         averaging_timeout=float(hyper["averaging_timeout"]),
         average_state_every=int(hyper.get("average_state_every", 10)),
+        inner_steps=int(hyper.get("inner_steps", 100)),
+        outer_lr=float(hyper.get("outer_lr", 0.7)),
+        outer_momentum=float(hyper.get("outer_momentum", 0.9)),
         seed=int(hyper["seed"]),
         created_at=float(hyper.get("created_at") or time.time()),
         mesh_version=str(hyper.get("mesh_version") or __version__),

@@ -60,6 +60,9 @@ def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults
         matchmaking_time=defaults.matchmaking_time,
         averaging_timeout=defaults.averaging_timeout,
         average_state_every=defaults.average_state_every,
+        inner_steps=defaults.inner_steps,
+        outer_lr=defaults.outer_lr,
+        outer_momentum=defaults.outer_momentum,
         seed=defaults.seed,
         **hyper,
     )

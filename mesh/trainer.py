@@ -26,7 +26,8 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
 from mesh import atomicfile, checkpoint, epochplan, metrics
-from mesh.averager import MeshGradientAverager, MeshStateAverager
+from mesh.averager import MeshGradientAverager, MeshStateAverager, parameter_digest
+from mesh.diloco import OUTER_STATISTICS, PseudoGradientAverager, outer_optimizer_factory
 from mesh.errors import ConfigError, RunError
 from mesh.planeround import PlaneRound
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
@@ -119,9 +120,24 @@ class MeshOptimizer(hivemind.Optimizer):
 
     tracker: MeshProgressTracker
 
-    def __init__(self, *, state_every: int, **kwargs: Any) -> None:
+    def __init__(self, *, state_every: int, inner_steps: int | None = None, **kwargs: Any) -> None:
         self.state_every = state_every
-        super().__init__(average_state_every=state_every, delay_state_averaging=False, **kwargs)
+        # DiLoCo (mesh/diloco.py): an epoch is inner_steps local steps per live peer, and the averaged tensors are
+        # the pseudo-gradients against the outer optimizer's parameters
+        self.inner_steps = inner_steps
+        self.outer_steps = 0
+        self.pseudo_gradient_norm = math.nan
+        try:
+            super().__init__(average_state_every=state_every, delay_state_averaging=False, **kwargs)
+        except BaseException:
+            # hivemind starts its progress tracker's thread and its averagers' processes as it goes: a failure
+            # part-way must stop those already started, or the process never exits
+            for part in ("grad_averager", "state_averager", "tracker"):
+                if getattr(self, part, None) is not None:
+                    getattr(self, part).shutdown()
+            raise
+        if isinstance(self.grad_averager, PseudoGradientAverager):
+            self.grad_averager.outer_parameters = self.optimized_parameters
         if self.grad_averager is not None:
             self.grad_averager.on_state_group = self.state_averager.set_target_group_size
             self.grad_averager.local_rate = lambda: self.tracker.performance_ema.samples_per_second
@@ -179,11 +195,24 @@ class MeshOptimizer(hivemind.Optimizer):
         if self.grad_averager is not None:
             self.grad_averager.set_target_group_size(live)
         self.state_averager.set_target_group_size(live)
-        epoch = self.local_epoch
+        if self.inner_steps is not None:  # DiLoCo: the outer step is due after inner_steps local steps per live peer
+            batch = kwargs.get("batch_size") or self.batch_size_per_step or 1
+            self.target_batch_size = self.tracker.target_batch_size = self.inner_steps * batch * live
+        epoch, downloads = self.local_epoch, self.state_downloads
         result = super().step(*args, **kwargs)
         if self.local_epoch != epoch and self.grad_averager is not None:
+            if self.inner_steps is not None and self.state_downloads == downloads:
+                self._after_outer_step()
             self._after_round(epoch, self.grad_averager.take_group())
         return result
+
+    @torch.no_grad()
+    def _after_outer_step(self) -> None:
+        # the optimizer's gradients are the averaging buffer: the pseudo-gradient it just applied
+        grads = [param.grad for param in self.optimized_parameters if param.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(grad, dtype=torch.float32) for grad in grads]) if grads else None
+        self.pseudo_gradient_norm = float(torch.linalg.vector_norm(norms)) if norms is not None else 0.0
+        self.outer_steps += 1
 
     def _after_round(self, epoch: int, group: tuple[dict, bool] | None) -> None:
         """After an ok round that ended ``epoch``: catch up if another member was in a later epoch; else, if the
@@ -291,6 +320,10 @@ class Progress:
     standing_rounds: int = 0  # ok rounds in a standing group (no matchmaking)
     nccl_rounds: int = 0  # ok rounds whose gradients moved on NCCL
     state_rounds_skipped: int = 0  # routine parameter rounds not needed: the group's parameters were equal
+    outer_steps: int = 0  # --averaging diloco: outer optimizer steps taken
+    inner_steps: int = 0  # --averaging diloco: this peer's local steps in the last outer step
+    pseudo_gradient_norm: float = float("nan")  # --averaging diloco: of the last outer step
+    _epoch_first_step: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
     _epoch_first_sample: int = 0
@@ -336,8 +369,12 @@ class Trainer:
             )
         self.batches = task.make_batches(record.batch_size, peer_seed)
         compression = make_compression(record.compression)
+        diloco = record.averaging == "diloco"
+        task_optimizer = make_optimizer_factory(record.optimizer, record.lr)
+        # DiLoCo: the task's optimizer steps the model every local step (inner); hivemind's steps the outer one
+        self.inner_opt = task_optimizer(self.model.parameters()) if diloco else None
         gradient_averager = partial(
-            MeshGradientAverager,
+            PseudoGradientAverager if diloco else MeshGradientAverager,
             run_id=record.run_id,
             compression_name=record.compression,
             data_plane_host=data_plane_host,
@@ -347,9 +384,14 @@ class Trainer:
             dht=dht,
             run_id=record.run_id,
             params=self.model.parameters(),
-            optimizer=make_optimizer_factory(record.optimizer, record.lr),
+            optimizer=outer_optimizer_factory(record.outer_lr, record.outer_momentum) if diloco else task_optimizer,
             batch_size_per_step=record.batch_size,
-            target_batch_size=record.target_batch_size,
+            target_batch_size=record.inner_steps * record.batch_size if diloco else record.target_batch_size,
+            inner_steps=record.inner_steps if diloco else None,
+            # DiLoCo's outer state is the optimizer's (offloaded) parameters and its momentum: a parameter round
+            # averages both, so members that stepped apart agree on all of it again
+            offload_optimizer=True if diloco else None,
+            average_opt_statistics=OUTER_STATISTICS if diloco else (),
             matchmaking_time=record.matchmaking_time,
             averaging_timeout=record.averaging_timeout,
             load_state_timeout=max(60.0, record.averaging_timeout),
@@ -408,7 +450,13 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.opt.set_optimized_parameters([p.detach() for p in self.model.parameters()])
+        if self.inner_opt is not None and state.get("inner_optimizer") is not None:
+            self.inner_opt.load_state_dict(state["inner_optimizer"])
+        # the optimizer's own parameters: DiLoCo's outer ones as saved, else the model's
+        outer = state.get("outer_parameters") if self.inner_opt is not None else None
+        self.opt.set_optimized_parameters(outer if outer is not None else [p.detach() for p in self.model.parameters()])
+        if outer is not None:  # that copied the outer parameters into the model, whose own had moved on from them
+            self.model.load_state_dict(state["model"])
         self.progress.epoch = self.opt.local_epoch
         logger.info("resumed from checkpoint dir=%s epoch=%d", self.checkpoint_dir, self.opt.local_epoch)
 
@@ -423,6 +471,9 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "progress": self.progress.snapshot(),
         }
+        if self.inner_opt is not None:  # DiLoCo: the outer parameters (the optimizer's) and the inner optimizer
+            state["outer_parameters"] = [param.detach().cpu().clone() for param in self.opt.optimized_parameters]
+            state["inner_optimizer"] = self.inner_opt.state_dict()
         path = checkpoint.save(self.checkpoint_dir, state)
         logger.info("checkpoint written path=%s epoch=%d", path, self.opt.local_epoch)
 
@@ -445,6 +496,8 @@ class Trainer:
             return
         if self.min_step_time is not None:
             time.sleep(max(0.0, self.min_step_time - (time.perf_counter() - started)))
+        if self.inner_opt is not None:
+            self.inner_opt.step()
         self.opt.step(batch_size=self.record.batch_size)
         self.opt.zero_grad()
         self.progress._epoch_losses.append(loss.item())  # CPU-GPU sync point, once per step
@@ -466,6 +519,9 @@ class Trainer:
         p.global_samples_per_second = self.record.target_batch_size / (sum(recent) / len(recent))
         p.epoch, p._epoch_started = self.opt.local_epoch, now
         p.epoch_samples, p._epoch_first_sample = p.samples - p._epoch_first_sample, p.samples
+        epoch_steps, p._epoch_first_step = p.local_steps - p._epoch_first_step, p.local_steps
+        if self.inner_opt is not None:
+            self._on_outer_step(epoch_steps)
         if p._epoch_losses:
             p.loss = sum(p._epoch_losses) / len(p._epoch_losses)
             p._epoch_losses = []
@@ -489,6 +545,24 @@ class Trainer:
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _on_outer_step(self, steps: int) -> None:
+        p, run = self.progress, self.record.run_id
+        if self.opt.outer_steps == p.outer_steps:
+            return  # the epoch came with downloaded state, not an outer step of this peer's
+        metrics.outer_steps.labels(run).inc(self.opt.outer_steps - p.outer_steps)
+        p.outer_steps, p.inner_steps, p.pseudo_gradient_norm = self.opt.outer_steps, steps, self.opt.pseudo_gradient_norm
+        metrics.inner_steps.labels(run).set(steps)
+        metrics.pseudo_gradient_norm.labels(run).set(p.pseudo_gradient_norm)
+        # the outer parameters' digest: members of a group that averaged print the same one (bit-identical)
+        logger.info(
+            "outer step epoch=%d inner_steps=%d pseudo_gradient_norm=%.6g group=%d parameters_digest=%r",
+            self.opt.local_epoch,
+            steps,
+            p.pseudo_gradient_norm,
+            self.opt.last_group_size,
+            parameter_digest(self.opt.optimized_parameters),
+        )
 
     def write_status(self, **extra: Any) -> None:
         """Write the status file; ``state`` (waiting, training, left) is remembered for later epochs' writes."""

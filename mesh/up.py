@@ -140,6 +140,12 @@ def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: 
         str(config.average_state_every),
         "--averaging",
         config.averaging,
+        "--inner-steps",
+        str(config.inner_steps),
+        "--outer-lr",
+        str(config.outer_lr),
+        "--outer-momentum",
+        str(config.outer_momentum),
         "--compression",
         config.compression,
         "--seed",
@@ -191,6 +197,13 @@ class View:
                 file=self.stream,
                 flush=True,
             )
+
+
+def averaging_mode(config: UpConfig) -> str:
+    """The run's averaging mode as the banner names it (with DiLoCo's settings)."""
+    if config.averaging != "diloco":
+        return config.averaging
+    return f"diloco(inner_steps={config.inner_steps},outer_lr={config.outer_lr},outer_momentum={config.outer_momentum})"
 
 
 def run(config: UpConfig) -> int:
@@ -260,7 +273,11 @@ def run(config: UpConfig) -> int:
         print(f"mesh up: coordinator (embedded store) at {api_url}; status page: {api_url}/", flush=True)
         where = [f"{name}=http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()]
         print("mesh up: metrics " + " ".join([*where, f"coordinator={api_url}/metrics"]), flush=True)
-        print(f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run}; logs in {workdir}", flush=True)
+        print(
+            f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run} averaging={averaging_mode(config)}; "
+            f"logs in {workdir}",
+            flush=True,
+        )
         print(f"mesh up: join from another terminal with: mesh peer --join {join} --run {config.run}", flush=True)
         peers = []
         for index in range(config.peers):

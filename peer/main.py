@@ -159,6 +159,9 @@ def _hyperparameters(run: dict) -> dict:
         "matchmaking_time",
         "averaging_timeout",
         "average_state_every",
+        "inner_steps",
+        "outer_lr",
+        "outer_momentum",
         "seed",
     )
     return {name: hyper[name] for name in names if hyper.get(name) is not None}  # None: the task's default
