@@ -259,6 +259,26 @@ class MeshOptimizer(hivemind.Optimizer):
                 if main is not param:
                     main.copy_(param)
 
+    @torch.no_grad()
+    def share_averaged_statistics(self) -> None:
+        """Point the optimizer's averaged statistics (``average_opt_statistics``: DiLoCo's outer momentum) at the
+        state averager's tensors again. hivemind's averager holds the optimizer's state tensors themselves, but
+        ``optimizer.load_state_dict`` (a state download, a checkpoint) puts new ones in their place: parameter
+        rounds then averaged the stale tensors, and members that had downloaded state stepped with momentum the
+        others did not have (seen: equal outer parameters, then different ones after the next outer step)."""
+        averager, params = self.state_averager, self.optimized_parameters
+        keys = averager.opt_keys_for_averaging
+        if not keys:
+            return
+        with averager.get_tensors() as averaged:
+            shared = iter(averaged[len(params) : len(params) * (1 + len(keys))])
+            for key in keys:  # the order of hivemind's TrainingStateAverager._local_tensors
+                for param in params:
+                    tensor, current = next(shared), averager.optimizer.state[param][key]
+                    if current is not tensor:
+                        tensor.copy_(current)
+                        averager.optimizer.state[param][key] = tensor
+
     def shutdown(self) -> None:
         averager = self.grad_averager
         if averager is not None and not averager.leaving:
@@ -287,6 +307,7 @@ class MeshOptimizer(hivemind.Optimizer):
             self.grad_averager.leave_standing_group()  # the next round finds its group through matchmaking
         started, before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
+        self.share_averaged_statistics()
         if self.local_epoch != before:
             self.state_downloads += 1
             metrics.state_downloads.labels(self.run_id).inc()
@@ -450,6 +471,7 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.opt.share_averaged_statistics()
         if self.inner_opt is not None and state.get("inner_optimizer") is not None:
             self.inner_opt.load_state_dict(state["inner_optimizer"])
         # the optimizer's own parameters: DiLoCo's outer ones as saved, else the model's

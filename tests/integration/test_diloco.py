@@ -10,11 +10,14 @@ references cover both with five data seeds and inner steps from ``INNER - 2`` to
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from mesh.diloco import outer_optimizer_factory
 from tests.conftest import peer_args
@@ -90,3 +93,56 @@ def test_two_diloco_peers_agree_after_every_outer_step_and_learn_like_the_refere
     start = diloco_reference(0, INNER, (0, 1))
     assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), max(references))
     assert eval_loss(final) < 0.1 * start, (eval_loss(final), start)
+
+
+def test_survivors_of_a_killed_peer_agree_and_a_late_joiner_takes_the_outer_state(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """SIGKILL one of three DiLoCo peers: the standing group's next pseudo-gradient round fails at once (the dead
+    member's connections close), each survivor applies its own pseudo-gradient and the parameter round that follows
+    averages the outer parameters and momentum, so the survivors agree and go on. Then a fourth peer joins late:
+    it downloads the outer state and ends on the others' parameters."""
+    total = 20  # epochs of ~1.6 s: the late joiner, started at the kill, is in after 5-15 s of start-up
+    extra = ("--max-epochs", str(total), "--min-step-time", "0.2", *DILOCO)
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *extra, "--min-peers", "3")) for n in ("a", "b", "c")]
+    peers[2].wait_epoch(3, timeout=180)
+    os.killpg(peers[2].proc.pid, signal.SIGKILL)
+    survivors = peers[:2]
+    late = mesh_procs("d", *peer_args(bootstrap, "d", tmp_path, *extra))
+    for peer in [*survivors, late]:
+        assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
+        assert peer.status()["epoch"] == total, peer.status()
+    assert_same_parameters(*survivors, late)
+    for peer in survivors:
+        status = peer.status()
+        assert status["rounds"]["failed"] <= 2, status  # the kill cost a round or two, not the run
+        # every epoch came with an outer step, but for those a member caught up on by downloading the state
+        assert status["outer_steps"] >= total // 2, status
+    # the late joiner took the outer parameters and momentum from the others, then stepped with them
+    status = late.status()
+    assert status["state_downloads"] >= 1 and status["outer_steps"] >= 1 and status["rounds"]["ok"] >= 1, status
+    steps = [outer_steps(peer.output()) for peer in (*survivors, late)]
+    shared = [e for e in set(steps[0]) & set(steps[1]) & set(steps[2]) if steps[2][e][1] == 3]
+    assert shared, steps  # at least one outer step of all three, in one group
+    for epoch in shared:
+        assert steps[0][epoch][2] == steps[1][epoch][2] == steps[2][epoch][2], (epoch, steps)
+
+
+def test_diloco_checkpoint_resume_restores_the_inner_and_outer_state(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    # Adam as the inner optimizer: it has state (moments, step counts) to lose
+    extra = ("--min-step-time", "0.05", "--optimizer", "adam", "--lr", "0.05", *DILOCO)
+    first = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "2", *extra))
+    assert wait_exit(first, 120) == 0, first.output()[-3000:]
+    saved = torch.load(first.checkpoint_dir / "checkpoint.pt", weights_only=False)
+    first_steps = first.status()["local_steps"]
+    assert saved["inner_optimizer"]["state"][0]["step"] == first_steps
+    # it left right after an outer step: the model is at the outer parameters
+    assert_close(saved["outer_parameters"], list(saved["model"].values()))
+    (tmp_path / "a.log").rename(tmp_path / "a-first.log")
+    again = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "4", *extra))
+    assert wait_exit(again, 120) == 0, again.output()[-3000:]
+    assert "resumed from checkpoint" in again.output()
+    resumed = torch.load(again.checkpoint_dir / "checkpoint.pt", weights_only=False)
+    # the inner optimizer went on counting from the saved state (a fresh one would count this run's steps only)
+    assert resumed["inner_optimizer"]["state"][0]["step"] == first_steps + again.status()["local_steps"]
+    assert again.status()["outer_steps"] == 2  # epochs 3 and 4, not 1 to 4
+    # from the saved outer parameters, two more outer steps lower the loss (from the initial ones, it rose)
+    assert eval_loss(resumed["model"]) < eval_loss(saved["model"]), (eval_loss(resumed["model"]), eval_loss(saved["model"]))

@@ -52,6 +52,10 @@ def test_env_types_are_coerced() -> None:
         ({"run": "r", "device": "cuda:x"}, "--device must be one of auto, cpu, cuda or cuda:N"),
         ({"run": "r", "data_plane": "mpi"}, "--data-plane must be one of gloo, nccl, hivemind"),
         ({"run": "r", "average_state_every": "0"}, "--average-state-every must be > 0"),
+        ({"run": "r", "averaging": "gossip"}, "--averaging must be one of gradients, local, diloco"),
+        ({"run": "r", "inner_steps": "0"}, "--inner-steps must be > 0"),
+        ({"run": "r", "outer_lr": "0"}, "--outer-lr must be > 0"),
+        ({"run": "r", "outer_momentum": "1"}, "--outer-momentum must be in .0, 1., got 1.0"),
     ],
 )
 def test_invalid_values_name_the_flag(flags: dict, message: str) -> None:

@@ -138,3 +138,44 @@ def test_load_scaled_writes_the_scaled_sources_into_the_views() -> None:
     torch.testing.assert_close(views[0], sources[0] * 0.25, rtol=0, atol=0)
     torch.testing.assert_close(views[1], (sources[1] * 0.25).float())
     assert flat.data_ptr() == views[0].data_ptr()  # in the shared buffer, not a copy
+
+
+def test_load_difference_writes_the_scaled_differences_into_the_views() -> None:
+    from mesh.dataplane import flat_views, load_difference_
+
+    # a parameter that requires grad (the model's), on the data-plane thread's grad mode: still no autograd error
+    outer, current = [torch.randn(4, 2), torch.randn(3)], [torch.randn(4, 2, requires_grad=True), torch.randn(3, dtype=torch.float64)]
+    flat, views = flat_views([torch.zeros(4, 2), torch.zeros(3)])
+    load_difference_(views, outer, current, 0.5)
+    torch.testing.assert_close(views[0], (outer[0] - current[0].detach()) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(views[1], ((outer[1] - current[1].float()) * 0.5))
+    assert flat.data_ptr() == views[0].data_ptr()
+
+
+def test_the_outer_optimizer_takes_a_hand_computed_nesterov_step() -> None:
+    """DiLoCo's outer step (Sutskever et al.'s Nesterov momentum as torch writes it, dampening 0):
+    m ← μ·m + g, θ ← θ − lr·(g + μ·m); two steps, against the formula by hand."""
+    from mesh.diloco import outer_optimizer_factory
+
+    lr, mu = 0.7, 0.9
+    theta = torch.tensor([1.0, -2.0, 0.5])
+    param = theta.clone().requires_grad_(False)
+    opt = outer_optimizer_factory(lr, mu)([param])
+    g1, g2 = torch.tensor([0.1, 0.2, -0.3]), torch.tensor([-0.05, 0.4, 0.1])
+    param.grad = g1.clone()
+    opt.step()
+    m1 = g1  # the first step's momentum is the gradient itself
+    expected = theta - lr * (g1 + mu * m1)
+    torch.testing.assert_close(param, expected)  # 1 - 0.7·(0.1 + 0.09) = 0.867, ...
+    assert abs(float(param[0]) - 0.867) < 1e-6
+    param.grad = g2.clone()
+    opt.step()
+    m2 = mu * m1 + g2
+    torch.testing.assert_close(param, expected - lr * (g2 + mu * m2))
+    torch.testing.assert_close(opt.state[param]["momentum_buffer"], m2)
+    # momentum 0 is plain SGD, and lr 1 then makes the outer step the parameters' average (pseudo-gradient = θ − mean)
+    plain = torch.tensor([2.0])
+    sgd = outer_optimizer_factory(1.0, 0.0)([plain])
+    plain.grad = torch.tensor([2.0 - 1.5])
+    sgd.step()
+    assert float(plain) == 1.5

@@ -41,6 +41,10 @@ def test_make_record_coerces_numbers_to_the_strict_types() -> None:
     record = _record()
     assert isinstance(record.matchmaking_time, float) and isinstance(record.lr, float)
     assert RunRecord.parse_obj(record.dict()) == record
+    # DiLoCo's settings default to the paper's outer optimizer; a record written before they existed still parses
+    assert (record.inner_steps, record.outer_lr, record.outer_momentum) == (100, 0.7, 0.9)
+    older = {k: v for k, v in record.dict().items() if k not in ("inner_steps", "outer_lr", "outer_momentum")}
+    assert RunRecord.parse_obj(older) == record
 
 
 @pytest.mark.parametrize(
@@ -54,6 +58,9 @@ def test_make_record_coerces_numbers_to_the_strict_types() -> None:
         ("run_id", "bad id"),
         ("fingerprint", "xyz"),
         ("target_batch_size", 8),
+        ("inner_steps", 0),
+        ("outer_lr", 0.0),
+        ("outer_momentum", 1.0),
     ],
 )
 def test_schema_rejects_bad_fields(field: str, value) -> None:
