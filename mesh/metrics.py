@@ -63,6 +63,15 @@ averaging_received_bytes = Counter(
     "Bytes this peer received in gradient all-reduce (estimated from the tensors' wire size and the group size)",
     ["run"],
 )
+tcp_sent_bytes = Counter(
+    "mesh_peer_tcp_sent_bytes_total",
+    "Bytes the training process sent over TCP, from the kernel's per-socket counters: the data plane, its rendezvous, "
+    "HTTP (not hivemind's own traffic, which its libp2p daemon carries)",
+    ["run"],
+)
+tcp_received_bytes = Counter(
+    "mesh_peer_tcp_received_bytes_total", "Bytes the training process received over TCP (as mesh_peer_tcp_sent_bytes_total)", ["run"]
+)
 data_plane_builds = Counter(
     "mesh_peer_data_plane_builds_total", "Process groups built for the data plane (one per new group membership)", ["run"]
 )
@@ -138,6 +147,8 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         nccl_rounds,
         state_rounds_skipped,
         outer_steps,
+        tcp_sent_bytes,
+        tcp_received_bytes,
     ):
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):

@@ -34,6 +34,7 @@ from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
 from mesh.rounds import wire_bytes
 from mesh.tasks.base import Batch, Task
 from mesh.tracker import MeshProgressTracker
+from mesh.wirebytes import TcpTraffic
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +345,8 @@ class Progress:
     outer_steps: int = 0  # --averaging diloco: outer optimizer steps taken
     inner_steps: int = 0  # --averaging diloco: this peer's local steps in the last outer step
     pseudo_gradient_norm: float = float("nan")  # --averaging diloco: of the last outer step
+    tcp_sent_bytes: int = 0  # what the training process sent over TCP (the data plane; kernel counters)
+    tcp_received_bytes: int = 0
     _epoch_first_step: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
@@ -440,6 +443,7 @@ class Trainer:
             self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
             metrics.init_peer(record.run_id, str(device), self.gpu_name)
             self.progress = Progress()
+            self.traffic = TcpTraffic()
             self._epoch_times: list[float] = []
             self._resume()
         except BaseException:
@@ -561,6 +565,10 @@ class Trainer:
             ):
                 counter.labels(self.record.run_id).inc(value - getattr(p, name))
                 setattr(p, name, value)
+        sent, received = self.traffic.update()
+        metrics.tcp_sent_bytes.labels(self.record.run_id).inc(sent - p.tcp_sent_bytes)
+        metrics.tcp_received_bytes.labels(self.record.run_id).inc(received - p.tcp_received_bytes)
+        p.tcp_sent_bytes, p.tcp_received_bytes = sent, received
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)

@@ -89,6 +89,9 @@ def test_two_diloco_peers_agree_after_every_outer_step_and_learn_like_the_refere
         assert status["outer_steps"] == len(steps[peers.index(peer)]) >= OUTER_STEPS - 1, status
         assert status["pseudo_gradient_norm"] > 0 and status["epoch"] == OUTER_STEPS, status
         assert status["data_plane_builds"] >= 1 and status["rounds"]["ok"] >= OUTER_STEPS - 1, status
+        # counted on the wire (the kernel's TCP counters): at least the other member's half of the 68 float32
+        # pseudo-gradient and its half of the mean back, per round
+        assert status["tcp_sent_bytes"] >= 68 * 4 * status["rounds"]["ok"] and status["tcp_received_bytes"] > 0, status
     references = [diloco_reference(OUTER_STEPS, inner, (seed, seed + 100)) for seed in range(5) for inner in range(INNER - 2, INNER + 3)]
     start = diloco_reference(0, INNER, (0, 1))
     assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), max(references))

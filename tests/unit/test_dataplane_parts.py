@@ -179,3 +179,29 @@ def test_the_outer_optimizer_takes_a_hand_computed_nesterov_step() -> None:
     plain.grad = torch.tensor([2.0 - 1.5])
     sgd.step()
     assert float(plain) == 1.5
+
+
+def test_tcp_traffic_counts_the_bytes_on_the_wire_of_every_socket() -> None:
+    """Against the bytes a real TCP connection on 127.0.0.1 carried, both ways, across two readings and a close."""
+    import socket
+
+    from mesh.wirebytes import TcpTraffic
+
+    traffic = TcpTraffic()
+    base_sent, base_received = traffic.update()
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    with server, client, peer:
+        client.sendall(b"x" * 100_000)
+        got = 0
+        while got < 100_000:
+            got += len(peer.recv(1 << 16))
+        peer.sendall(b"y" * 777)
+        assert client.recv(1000) == b"y" * 777
+        # both ends are this process's: each byte is counted once sent and once received
+        assert traffic.update() == (base_sent + 100_777, base_received + 100_777)
+        client.sendall(b"z" * 10)
+        assert peer.recv(100) == b"z" * 10
+        assert traffic.update() == (base_sent + 100_787, base_received + 100_787)  # only the new bytes
+    assert traffic.update() == (base_sent + 100_787, base_received + 100_787)  # closed sockets take nothing away
