@@ -422,7 +422,11 @@ class Trainer:
             use_local_updates=record.averaging == "local",
             grad_averager_factory=None if record.averaging == "local" else gradient_averager,
             grad_compression=compression,
-            state_averaging_compression=compression,
+            # parameter rounds exist to make members agree again: in fp32, whatever the gradients' wire format.
+            # hivemind's all-reduce keeps each member's own part of the mean uncompressed and sends the others'
+            # compressed, so in fp16 (or 8 bits) members ended a parameter round with different parameters, and
+            # kept them apart from then on (DiLoCo's kill-and-join test saw every member's digest differ)
+            state_averaging_compression=NoCompression(),
             # local updates: parameters are all there is to average, every epoch
             state_every=1 if record.averaging == "local" else record.average_state_every,
             # a peer that stopped reporting (killed, stopped, partitioned) leaves the live count, and so the size a

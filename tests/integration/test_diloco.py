@@ -99,12 +99,13 @@ def test_two_diloco_peers_agree_after_every_outer_step_and_learn_like_the_refere
 
 
 def test_survivors_of_a_killed_peer_agree_and_a_late_joiner_takes_the_outer_state(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
-    """SIGKILL one of three DiLoCo peers: the standing group's next pseudo-gradient round fails at once (the dead
-    member's connections close), each survivor applies its own pseudo-gradient and the parameter round that follows
-    averages the outer parameters and momentum, so the survivors agree and go on. Then a fourth peer joins late:
-    it downloads the outer state and ends on the others' parameters."""
+    """SIGKILL one of three DiLoCo peers (pseudo-gradients sent as fp16): the standing group's next round fails at
+    once (the dead member's connections close), each survivor applies its own pseudo-gradient, and the parameter
+    round that follows averages the outer parameters and momentum, so the survivors agree and go on. Then a fourth
+    peer joins late: it downloads the outer state and ends on the others' parameters."""
     total = 20  # epochs of ~1.6 s: the late joiner, started at the kill, is in after 5-15 s of start-up
-    extra = ("--max-epochs", str(total), "--min-step-time", "0.2", *DILOCO)
+    # fp16 on the wire: compression applies to the pseudo-gradient, and members still agree bit for bit
+    extra = ("--max-epochs", str(total), "--min-step-time", "0.2", "--compression", "fp16", *DILOCO)
     peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *extra, "--min-peers", "3")) for n in ("a", "b", "c")]
     peers[2].wait_epoch(3, timeout=180)
     os.killpg(peers[2].proc.pid, signal.SIGKILL)
