@@ -185,3 +185,20 @@ def test_state_sharing_priority_is_a_property_the_optimizer_sets_every_epoch() -
 
 def test_training_state_averager_is_a_decentralized_averager() -> None:
     assert issubclass(TrainingStateAverager, DecentralizedAverager)  # so GroupSizeMixin's _step applies to it
+
+
+def test_the_offloaded_optimizer_diloco_and_the_resume_rely_on() -> None:
+    # with gradient averaging hivemind offloads the optimizer: it steps its own copy of the parameters (the resume
+    # sets that copy; DiLoCo uses it as the outer parameters) and the averaged gradients are that copy's .grad
+    assert "offload_optimizer = params is not None and not use_local_updates" in source(hivemind.Optimizer.__init__)
+    assert "force_copy=self.offload_optimizer" in source(TrainingStateAverager._make_averaged_parameters)
+    assert "opt_param.grad = averaged_grad" in source(hivemind.Optimizer._make_gradient_averager)
+    assert "self._apply_optimizer_parameters_()" in source(TrainingStateAverager.load_state_from_peers)
+    assert "average_opt_statistics" in parameters(hivemind.Optimizer.__init__)
+    # the averaged statistics are the optimizer's state tensors themselves, after the parameters, key by key
+    # (MeshOptimizer.share_averaged_statistics re-points the optimizer at them after a load_state_dict)
+    local = source(TrainingStateAverager._local_tensors)
+    assert local.index('yield from param_group["params"]') < local.index("for stats in self.opt_keys_for_averaging")
+    assert "yield self.optimizer.state[param][stats]" in local
+    assert "return source_tensor" in source(TrainingStateAverager._make_host_tensor)  # reused, not copied
+    assert "load_optimizer_state(self.optimizer" in source(TrainingStateAverager.load_state_from_peers)
