@@ -224,15 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None, help="the target held-out loss (instead of --target-at)")
     parser.add_argument("--sync-target", type=int, default=512, help="the sync mesh's epoch (samples over both peers)")
     parser.add_argument("--inner-steps", default="20,100", help="DiLoCo's H values, comma-separated")
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--no-sync", action="store_true", help="leave out the sync mesh")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
     runs = {"ddp": run_ddp(args.seconds)}
     target = args.target if args.target is not None else at_time(runs["ddp"]["snaps"], args.target_at)["loss"]
     print(f"target held-out loss {target:.4f} (ddp after {args.target_at:g} s unless --target)", flush=True)
-    runs["sync"] = run_mesh(args.seconds, ("--averaging", "gradients", "--target-batch-size", str(args.sync_target)))
+    if not args.no_sync:
+        runs["sync"] = run_mesh(args.seconds, ("--averaging", "gradients", "--target-batch-size", str(args.sync_target)))
+    outer = ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
     for h in [int(v) for v in args.inner_steps.split(",") if v]:
-        runs[f"diloco_{h}"] = run_mesh(args.seconds, ("--averaging", "diloco", "--inner-steps", str(h)))
+        runs[f"diloco_{h}"] = run_mesh(args.seconds, ("--averaging", "diloco", "--inner-steps", str(h), *outer))
 
     ddp_hit = reached(runs["ddp"]["snaps"], target)
     ddp_time = ddp_hit["t"] if ddp_hit else args.seconds
