@@ -32,7 +32,8 @@ import torch
 from mesh import dataplane
 from mesh.averager import MeshGradientAverager
 
-# the outer optimizer's state that members keep equal (averaged with the parameters in parameter rounds)
+# the outer optimizer's state that members keep equal (averaged with the parameters in parameter rounds); SGD
+# without momentum has none
 OUTER_STATISTICS = ("momentum_buffer",)
 
 

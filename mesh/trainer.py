@@ -415,7 +415,7 @@ class Trainer:
             # DiLoCo's outer state is the optimizer's (offloaded) parameters and its momentum: a parameter round
             # averages both, so members that stepped apart agree on all of it again
             offload_optimizer=True if diloco else None,
-            average_opt_statistics=OUTER_STATISTICS if diloco else (),
+            average_opt_statistics=OUTER_STATISTICS if diloco and record.outer_momentum > 0 else (),
             matchmaking_time=record.matchmaking_time,
             averaging_timeout=record.averaging_timeout,
             load_state_timeout=max(60.0, record.averaging_timeout),
