@@ -32,9 +32,11 @@ import torch
 from mesh import dataplane
 from mesh.averager import MeshGradientAverager
 
-# the outer optimizer's state that members keep equal (averaged with the parameters in parameter rounds); SGD
-# without momentum has none
-OUTER_STATISTICS = ("momentum_buffer",)
+
+def outer_statistics(momentum: float) -> tuple[str, ...]:
+    """The outer optimizer's state that members keep equal (averaged with the parameters in parameter rounds): its
+    momentum buffer, which SGD without momentum does not have."""
+    return ("momentum_buffer",) if momentum > 0 else ()
 
 
 def outer_optimizer_factory(lr: float, momentum: float) -> Callable[[Any], torch.optim.Optimizer]:

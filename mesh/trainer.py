@@ -27,7 +27,7 @@ from hivemind.compression import Float16Compression, NoCompression, SizeAdaptive
 
 from mesh import atomicfile, checkpoint, epochplan, metrics
 from mesh.averager import MeshGradientAverager, MeshStateAverager, parameter_digest
-from mesh.diloco import OUTER_STATISTICS, PseudoGradientAverager, outer_optimizer_factory
+from mesh.diloco import PseudoGradientAverager, outer_optimizer_factory, outer_statistics
 from mesh.errors import ConfigError, RunError
 from mesh.planeround import PlaneRound
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
@@ -415,7 +415,7 @@ class Trainer:
             # DiLoCo's outer state is the optimizer's (offloaded) parameters and its momentum: a parameter round
             # averages both, so members that stepped apart agree on all of it again
             offload_optimizer=True if diloco else None,
-            average_opt_statistics=OUTER_STATISTICS if diloco and record.outer_momentum > 0 else (),
+            average_opt_statistics=outer_statistics(record.outer_momentum) if diloco else (),
             matchmaking_time=record.matchmaking_time,
             averaging_timeout=record.averaging_timeout,
             load_state_timeout=max(60.0, record.averaging_timeout),
@@ -567,12 +567,10 @@ class Trainer:
                 ("nccl_rounds", averager.nccl_rounds, metrics.nccl_rounds),
                 ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
             ):
-                counter.labels(self.record.run_id).inc(value - getattr(p, name))
-                setattr(p, name, value)
+                self._bring(name, value, counter)
         sent, received = self.traffic.update()
-        metrics.tcp_sent_bytes.labels(self.record.run_id).inc(sent - p.tcp_sent_bytes)
-        metrics.tcp_received_bytes.labels(self.record.run_id).inc(received - p.tcp_received_bytes)
-        p.tcp_sent_bytes, p.tcp_received_bytes = sent, received
+        self._bring("tcp_sent_bytes", sent, metrics.tcp_sent_bytes)
+        self._bring("tcp_received_bytes", received, metrics.tcp_received_bytes)
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
@@ -580,12 +578,17 @@ class Trainer:
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
 
+    def _bring(self, name: str, total: int, counter: Any) -> None:
+        """A running total counted elsewhere (averager, optimizer, kernel) into its counter and the progress."""
+        counter.labels(self.record.run_id).inc(total - getattr(self.progress, name))
+        setattr(self.progress, name, total)
+
     def _on_outer_step(self, steps: int) -> None:
         p, run = self.progress, self.record.run_id
         if self.opt.outer_steps == p.outer_steps:
             return  # the epoch came with downloaded state, not an outer step of this peer's
-        metrics.outer_steps.labels(run).inc(self.opt.outer_steps - p.outer_steps)
-        p.outer_steps, p.inner_steps, p.pseudo_gradient_norm = self.opt.outer_steps, steps, self.opt.pseudo_gradient_norm
+        self._bring("outer_steps", self.opt.outer_steps, metrics.outer_steps)
+        p.inner_steps, p.pseudo_gradient_norm = steps, self.opt.pseudo_gradient_norm
         metrics.inner_steps.labels(run).set(steps)
         metrics.pseudo_gradient_norm.labels(run).set(p.pseudo_gradient_norm)
         # the outer parameters' digest: members of a group that averaged print the same one (bit-identical)
