@@ -50,6 +50,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 
 from mesh import asyncio_guard, dataplane, metrics
+from mesh.admitted import AdmittedAverager, SignedState
 from mesh.planeround import PlaneRound
 from mesh.rounds import RoundWatcher, record_traffic
 
@@ -106,8 +107,9 @@ class DeclareThrottleMixin:
             DecentralizedAverager.state_sharing_priority.fset(self, value)  # type: ignore[attr-defined]
 
 
-class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, TrainingStateAverager):
-    """hivemind's state averager (parameters, optimizer state), with the group size set per round."""
+class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, AdmittedAverager):
+    """hivemind's state averager (parameters, optimizer state), with the group size set per round and the run's
+    admission (mesh/admitted.py) on matchmaking, state serving and state downloads."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def settled(gathered: dict) -> bool:
     )
 
 
-class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverager):
+class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, GradientAverager, AdmittedAverager):
     def __init__(
         self,
         parameters: Iterable[torch.nn.Parameter],
@@ -530,6 +532,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, GradientAverage
         return usable, gathered
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any):
+        self.check_group(group_info)  # the run's admission: every member holds a valid ticket
         usable, gathered = self._members(group_info) if self.data_plane_host is not None else (False, {})
         if not usable:
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)

@@ -33,7 +33,8 @@ COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local", "diloco")
 DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
-SECRET_FIELDS = ("api_token", "mongo_url")
+SECRET_FIELDS = ("api_token", "mongo_url", "run_secret")
+MIN_SECRET_LENGTH = 16
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -41,6 +42,14 @@ def validate_run_id(run_id: str) -> str:
     if not RUN_ID_PATTERN.match(run_id):
         raise ConfigError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return run_id
+
+
+def check_secret(secret: str | None) -> None:
+    if secret is not None and len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"--run-secret must be at least {MIN_SECRET_LENGTH} characters (got {len(secret)}); make one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
 
 
 def _check_port(name: str, port: int | None) -> None:
@@ -233,8 +242,13 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Bearer token for the coordinator's writes (when it has one)."""
     heartbeat_interval: float = 5.0
     """Seconds between heartbeats to the coordinator."""
+    run_secret: str | None = None
+    """The run's credential: only peers holding it can average, serve or download state, or write the run's
+    records (docs/security.md). Set when the run is created; every peer of the run needs the same one. Prefer
+    MESH_RUN_SECRET or the config file to the flag (a flag shows in `ps`). Unset: an open run."""
 
     def _validate(self) -> None:
+        check_secret(self.run_secret)
         if not self.run:
             raise ConfigError("--run is required: the id of the run to join or create (e.g. --run demo)")
         validate_run_id(self.run)
@@ -274,8 +288,15 @@ class UpConfig(RunDefaults, LogConfig):
     """torch threads per peer (cores / peers when unset)."""
     api_port: int = 8080
     """Port of the local coordinator and its status page (0 picks a free one)."""
+    run_secret: str | None = None
+    """The run's credential (docs/security.md); a new random one when unset, written to WORKDIR/run.secret."""
+    open_run: bool = False
+    """Create an open run (no secret): any process that can reach the bootstrap can then join it."""
 
     def _validate(self) -> None:
+        check_secret(self.run_secret)
+        if self.open_run and self.run_secret:
+            raise ConfigError("--open-run and --run-secret contradict each other: pick one")
         _check_port("api_port", self.api_port)
         if not 1 <= self.peers <= 64:
             raise ConfigError(f"--peers must be between 1 and 64, got {self.peers}")

@@ -14,7 +14,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from mesh import asyncio_guard, join_url, logs
 from mesh.config import NetworkConfig
 from mesh.errors import JoinError
-from mesh.records import RUN_RECORD_VALIDATOR
+from mesh.records import RUN_RECORD_VALIDATOR, signature_validator
 
 logger = logging.getLogger(__name__)
 asyncio_guard.install()
@@ -102,7 +102,8 @@ def start_dht(config: NetworkConfig, *, require_join: bool | None = None) -> DHT
             announce_maddrs=list(config.announce) or None,
             identity_path=str(config.identity) if config.identity else None,
             client_mode=config.client_mode,
-            record_validators=[RUN_RECORD_VALIDATOR],
+            # owned subkeys (a protected run's records, hivemind's progress reports) only their owner can write
+            record_validators=[RUN_RECORD_VALIDATOR, signature_validator()],
             # per Kademlia RPC, not the join's budget (that is bootstrap/startup_timeout): hivemind's progress
             # tracker holds its lock through a DHT lookup, so one frozen peer (SIGSTOP, a stalled host) used to
             # stall every other peer's epoch for the whole --join-timeout at each lookup that asked it

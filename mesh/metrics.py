@@ -53,6 +53,11 @@ allreduce_duration = Histogram(
     ["run"],
     buckets=DURATION_BUCKETS,
 )
+refused = Counter(
+    "mesh_peer_refused_total",
+    "Requests, group members, records and states refused by the run's admission (docs/security.md), by reason",
+    ["run", "reason"],
+)
 averaging_sent_bytes = Counter(
     "mesh_peer_averaging_sent_bytes_total",
     "Bytes this peer sent in gradient all-reduce (estimated from the tensors' wire size and the group size)",
@@ -134,6 +139,10 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
     """Create every labelled series at zero, so dashboards and rate() see them from the first scrape."""
     for outcome in ("ok", "failed", "local_only"):
         averaging_rounds.labels(run, outcome)
+    from mesh.admission import REFUSAL_REASONS  # standard library only
+
+    for reason in REFUSAL_REASONS:
+        refused.labels(run, reason)
     for metric in (
         steps,
         samples,

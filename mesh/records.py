@@ -3,6 +3,13 @@
 All runs live under one DHT key, ``mesh_runs``, one subkey per run id, so that anyone holding a DHT can list the
 runs. Every DHT of the mesh installs :data:`RUN_RECORD_VALIDATOR`, so a malformed record is refused by the nodes
 that would store it, and :func:`fetch_run` drops (and counts) anything that still does not parse.
+
+A protected run's records (:mod:`mesh.admission`) are signed twice: each peer writes its own copy under a subkey
+that names its RSA public key (``RUN[owner:ssh-rsa ...]``; hivemind's :class:`RSASignatureValidator`, installed on
+every mesh node, refuses a write to such a subkey not signed by that key, so nobody can overwrite another peer's
+copy, however late its expiration), and each copy carries an HMAC of its content under the run's key, so that only
+holders of the run's secret can write a copy that readers accept. Presence records work the same way
+(``PEERID[owner:...]``).
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from typing import Any, TypeVar
 import pydantic.v1 as pydantic  # hivemind's DHT schema validation speaks pydantic v1
 import torch
 from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.utils import get_dht_time
 
 from mesh import __version__
+from mesh.admission import Admission
 from mesh.config import AVERAGING_MODES, COMPRESSIONS, OPTIMIZERS, RUN_ID_PATTERN
+from mesh.errors import RunError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=pydantic.BaseModel)
@@ -59,6 +69,7 @@ class RunRecord(pydantic.BaseModel):
     seed: pydantic.StrictInt
     created_at: pydantic.StrictFloat
     mesh_version: pydantic.StrictStr
+    signature: pydantic.StrictStr | None = None  # a protected run's: HMAC of the rest under the run's key
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -84,6 +95,7 @@ class PeerPresence(pydantic.BaseModel):
     loss: pydantic.StrictFloat | None = None
     device: pydantic.StrictStr = ""
     time: pydantic.StrictFloat
+    signature: pydantic.StrictStr | None = None  # a protected run's: HMAC of the peer id and the rest
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -97,6 +109,22 @@ class _MeshSchema(pydantic.BaseModel):
 RUN_RECORD_VALIDATOR = SchemaValidator(_MeshSchema, allow_extra_keys=True)
 PEERS_KEY = "mesh_peers"
 PRESENCE_TTL = 20.0  # seconds; live peers refresh every PRESENCE_TTL / 4
+OWNER_MARK = "[owner:"
+
+
+def signature_validator() -> RSASignatureValidator:
+    """hivemind's validator of owned subkeys, with this process's key (the one hivemind's progress tracker uses)."""
+    return RSASignatureValidator()
+
+
+def owned(name: str) -> str:
+    """``name`` as a subkey only this process can write (its RSA public key in it)."""
+    return name + signature_validator().local_public_key.decode()
+
+
+def owner_free(subkey: str) -> str:
+    """The run id or peer id a subkey names, without an owner's key."""
+    return subkey.split(OWNER_MARK, 1)[0]
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -131,9 +159,17 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
     )
 
 
-def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL) -> bool:
-    """Store (or refresh) the record; True when at least one DHT node accepted it."""
-    stored = dht.store(RUNS_KEY, subkey=record.run_id, value=record.dict(), expiration_time=get_dht_time() + ttl)
+def _content(model: pydantic.BaseModel) -> dict:
+    return model.dict(exclude={"signature"})
+
+
+def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL, admission: Admission | None = None) -> bool:
+    """Store (or refresh) the record; True when at least one DHT node accepted it. A protected run's record is
+    signed and written under this peer's own subkey."""
+    value, subkey = _content(record), record.run_id
+    if admission is not None and admission.protected:
+        value, subkey = {**value, "signature": admission.sign("record", value)}, owned(record.run_id)
+    stored = dht.store(RUNS_KEY, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
     return bool(stored)
 
 
@@ -152,26 +188,70 @@ def _parse_subkeys(raw: Any, model: type[T], kind: str) -> dict[str, T]:
     return parsed
 
 
-def parse_records(raw: Any) -> dict[str, RunRecord]:
-    """Turn the DHT's dictionary of subkeys into run records, dropping and counting anything malformed."""
+def record_copies(raw: Any) -> dict[str, list[tuple[str, RunRecord]]]:
+    """Every copy of every run's record, as (subkey, record) by run id, dropping and counting anything malformed."""
     global invalid_records_dropped
-    records = _parse_subkeys(raw, RunRecord, "run")
-    for subkey, record in list(records.items()):
-        if record.run_id != subkey:
+    copies: dict[str, list[tuple[str, RunRecord]]] = {}
+    for subkey, record in _parse_subkeys(raw, RunRecord, "run").items():
+        if record.run_id != owner_free(subkey):
             invalid_records_dropped += 1
             logger.warning("dropped invalid run record subkey=%r error=subkey does not match run_id %r", subkey, record.run_id)
-            del records[subkey]
-    return records
+            continue
+        copies.setdefault(record.run_id, []).append((subkey, record))
+    return copies
+
+
+def _earliest(copies: list[tuple[str, RunRecord]]) -> RunRecord:
+    return min(copies, key=lambda item: (item[1].created_at, item[0]))[1]
+
+
+def parse_records(raw: Any) -> dict[str, RunRecord]:
+    """One record per run (listing: the coordinator, ``mesh status``): an open run's, else a protected run's
+    earliest copy (unverified: a lister has no secret)."""
+    listed = {}
+    for run_id, copies in record_copies(raw).items():
+        open_copies = [item for item in copies if item[1].signature is None]
+        listed[run_id] = _earliest(open_copies or copies)
+    return listed
+
+
+def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: Admission) -> RunRecord | None:
+    """The record a peer holding ``admission`` trains by, from every copy under ``run_id``; None when there is none.
+
+    An open peer takes an open run's copy and refuses a protected run. A protected peer takes only copies signed
+    with its run's key (the creator's, the earliest, when several are), counts every other copy as a refused
+    record, and refuses a run whose copies are all signed with another key (a wrong secret) or all unsigned (an
+    open run of that id)."""
+    signed = [item for item in copies if item[1].signature is not None]
+    unsigned = [item for item in copies if item[1].signature is None]
+    if not admission.protected:
+        if unsigned:
+            return _earliest(unsigned)
+        if signed:
+            raise RunError(f"run {run_id!r} is protected: pass its secret with --run-secret or MESH_RUN_SECRET")
+        return None
+    genuine = [item for item in signed if admission.verify("record", _content(item[1]), item[1].signature)]
+    for subkey, _record in (item for item in copies if item not in genuine):
+        admission.refuse("record", owner_free(subkey), detail="a copy of the run record is unsigned or forged", once=subkey)
+    if genuine:
+        return _earliest(genuine)
+    if signed:
+        raise RunError(f"run {run_id!r} is protected and this --run-secret is not its secret: check MESH_RUN_SECRET / --run-secret")
+    if unsigned:
+        raise RunError(f"run {run_id!r} is an open run (created without a secret): join it without --run-secret, or pick another run id")
+    return None
 
 
 def fetch_runs(dht: DHT) -> dict[str, RunRecord]:
     return parse_records(dht.get(RUNS_KEY, latest=True))
 
 
-def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0) -> RunRecord | None:
-    """The run's record, or None. Retries a little: a freshly joined node may not see the record at once."""
+def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0, admission: Admission | None = None) -> RunRecord | None:
+    """The run's record, or None. Retries a little: a freshly joined node may not see the record at once.
+    Raises RunError when the run is protected and ``admission`` cannot verify it (see :func:`choose_record`)."""
+    admission = admission or Admission(run_id)
     for attempt in range(attempts):
-        record = fetch_runs(dht).get(run_id)
+        record = choose_record(run_id, record_copies(dht.get(RUNS_KEY, latest=True)).get(run_id, []), admission)
         if record is not None:
             return record
         if attempt + 1 < attempts:
@@ -179,11 +259,30 @@ def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0) -> R
     return None
 
 
-def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = PRESENCE_TTL) -> bool:
-    return bool(dht.store(PEERS_KEY, subkey=peer_id, value=presence.dict(), expiration_time=get_dht_time() + ttl))
+def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = PRESENCE_TTL, admission: Admission | None = None) -> bool:
+    value, subkey = _content(presence), peer_id
+    if admission is not None and admission.protected:
+        value, subkey = {**value, "signature": admission.sign("presence", {"peer": peer_id, **value})}, owned(peer_id)
+    return bool(dht.store(PEERS_KEY, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl))
 
 
-def fetch_peers(dht: DHT, run_id: str | None = None) -> dict[str, PeerPresence]:
-    """Live peers (by peer id) announced in the DHT, optionally only those of one run; malformed entries dropped."""
-    peers = _parse_subkeys(dht.get(PEERS_KEY, latest=True), PeerPresence, "peer")
-    return {peer_id: p for peer_id, p in peers.items() if run_id is None or p.run_id == run_id}
+def parse_peers(raw: Any, run_id: str | None = None, admission: Admission | None = None) -> dict[str, PeerPresence]:
+    """Live peers by peer id, optionally only those of one run. Under ``admission``'s protected run only those
+    whose presence is signed with the run's key (the others are counted as refused)."""
+    peers: dict[str, PeerPresence] = {}
+    for subkey, presence in _parse_subkeys(raw, PeerPresence, "peer").items():
+        peer_id = owner_free(subkey)
+        if run_id is not None and presence.run_id != run_id:
+            continue
+        if admission is not None and admission.protected and presence.run_id == admission.run_id:
+            payload = {"peer": peer_id, **_content(presence)}
+            if not admission.verify("presence", payload, presence.signature):
+                admission.refuse("presence", peer_id, detail="its presence record is unsigned or forged", once=subkey)
+                continue
+        peers[peer_id] = presence
+    return peers
+
+
+def fetch_peers(dht: DHT, run_id: str | None = None, admission: Admission | None = None) -> dict[str, PeerPresence]:
+    """Live peers (by peer id) announced in the DHT (see :func:`parse_peers`); malformed entries dropped."""
+    return parse_peers(dht.get(PEERS_KEY, latest=True), run_id, admission)

@@ -11,6 +11,7 @@ import torch
 from hivemind import DHT
 
 from mesh import metrics
+from mesh.admission import Admission
 from mesh.config import RunDefaults
 from mesh.dht import routing_table_size
 from mesh.errors import RunError
@@ -68,9 +69,19 @@ def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults
     )
 
 
-def join_or_create(dht: DHT, run_id: str, task_spec: str | None, task: Task | None, defaults: RunDefaults) -> RunRecord:
-    """The run's record. Refuses (RunError) a task that differs from the run's, or a missing run with no task."""
-    record = fetch_run(dht, run_id)
+def join_or_create(
+    dht: DHT, run_id: str, task_spec: str | None, task: Task | None, defaults: RunDefaults, admission: Admission | None = None
+) -> RunRecord:
+    """The run's record. Refuses (RunError) a task that differs from the run's, a missing run with no task, and a
+    protected run this peer has no (or the wrong) secret for."""
+    admission = admission or Admission(run_id)
+    if not admission.protected:
+        logger.warning(
+            "run %s is open: any process that can reach the mesh can join it and average with it; "
+            "protect it with --run-secret (docs/security.md)",
+            run_id,
+        )
+    record = fetch_run(dht, run_id, admission=admission)
     if record is None:
         if task is None or task_spec is None:
             raise RunError(
@@ -78,10 +89,10 @@ def join_or_create(dht: DHT, run_id: str, task_spec: str | None, task: Task | No
                 "pass --task NAME to create it, or check the run id"
             )
         record = create_record(run_id, task_spec, task, defaults)
-        if not publish_run(dht, record):
+        if not publish_run(dht, record, admission=admission):
             logger.warning("no DHT node accepted the run record yet run=%s; will retry", run_id)
-        logger.info("created run run=%s task=%s fingerprint=%s", run_id, task_spec, record.fingerprint)
-        return fetch_run(dht, run_id, attempts=1) or record
+        logger.info("created run run=%s task=%s fingerprint=%s protected=%s", run_id, task_spec, record.fingerprint, admission.protected)
+        return fetch_run(dht, run_id, attempts=1, admission=admission) or record
     if task_spec is not None and task_spec != record.task:
         raise RunError(f"run {run_id!r} trains task {record.task!r}, not {task_spec!r}; drop --task or pick another run")
     if task is not None and model_fingerprint(task, record.seed) != record.fingerprint:
@@ -89,27 +100,44 @@ def join_or_create(dht: DHT, run_id: str, task_spec: str | None, task: Task | No
             f"this peer's task {task_spec!r} has parameter fingerprint {model_fingerprint(task, record.seed)}, "
             f"but run {run_id!r} expects {record.fingerprint}: the model's shapes differ; update the task code to the run's version"
         )
-    logger.info("joined run run=%s task=%s epoch_size=%d", run_id, record.task, record.target_batch_size)
+    logger.info(
+        "joined run run=%s task=%s epoch_size=%d optimizer=%s lr=%g protected=%s",
+        run_id,
+        record.task,
+        record.target_batch_size,
+        record.optimizer,
+        record.lr,
+        admission.protected,
+    )
     return record
+
+
+def starting_presence(run_id: str, device: str) -> PeerPresence:
+    """A peer's presence before its first epoch."""
+    return PeerPresence(run_id=run_id, epoch=0, samples_per_second=0.0, device=device, time=time.time())
 
 
 class RecordKeeper(threading.Thread):
     """While this peer lives: announces it (every few seconds) and re-publishes the run's record, so the run
     outlives its creator and others can count who trains it."""
 
-    def __init__(self, dht: DHT, record: RunRecord, presence: Callable[[], PeerPresence]) -> None:
+    def __init__(self, dht: DHT, record: RunRecord, presence: Callable[[], PeerPresence], admission: Admission | None = None) -> None:
         super().__init__(name="record-keeper", daemon=True)
         self.dht, self.record, self.presence = dht, record, presence
+        self.admission = admission or Admission(record.run_id)
         self.peer_id = str(dht.peer_id)
         self.stopped = threading.Event()
+
+    def announce(self) -> None:
+        announce_peer(self.dht, self.peer_id, self.presence(), admission=self.admission)
 
     def run(self) -> None:
         next_record = 0.0
         while not self.stopped.is_set():
             try:
-                announce_peer(self.dht, self.peer_id, self.presence())
+                self.announce()
                 if time.monotonic() >= next_record:
-                    publish_run(self.dht, self.record)
+                    publish_run(self.dht, self.record, admission=self.admission)
                     next_record = time.monotonic() + RECORD_TTL / 3
                     metrics.dht_peers.set(routing_table_size(self.dht))
             except Exception as err:  # a DHT hiccup must not stop training

@@ -26,6 +26,7 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 
 from mesh import atomicfile, checkpoint, epochplan, metrics
+from mesh.admission import Admission
 from mesh.averager import MeshGradientAverager, MeshStateAverager, parameter_digest
 from mesh.diloco import PseudoGradientAverager, outer_optimizer_factory, outer_statistics
 from mesh.errors import ConfigError, RunError
@@ -121,7 +122,11 @@ class MeshOptimizer(hivemind.Optimizer):
 
     tracker: MeshProgressTracker
 
-    def __init__(self, *, state_every: int, inner_steps: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, state_every: int, admission: Admission, inner_steps: int | None = None, **kwargs: Any) -> None:
+        # hivemind's names (progress key, averager prefixes, their RPCs) are the run's namespace: under a run
+        # secret, a name only admitted peers can derive (mesh/admission.py); metrics keep the run id
+        self.admission, self.run_label = admission, admission.run_id
+        kwargs["run_id"] = admission.namespace
         self.state_every = state_every
         # DiLoCo (mesh/diloco.py): an epoch is inner_steps local steps per live peer, and the averaged tensors are
         # the pseudo-gradients against the outer optimizer's parameters
@@ -188,6 +193,7 @@ class MeshOptimizer(hivemind.Optimizer):
             client_mode=self.client_mode,
             auxiliary=self.auxiliary,
             start=True,
+            admission=self.admission,
             **kwargs,
         )
 
@@ -311,8 +317,8 @@ class MeshOptimizer(hivemind.Optimizer):
         self.share_averaged_statistics()
         if self.local_epoch != before:
             self.state_downloads += 1
-            metrics.state_downloads.labels(self.run_id).inc()
-            metrics.state_download_duration.labels(self.run_id).observe(time.perf_counter() - started)
+            metrics.state_downloads.labels(self.run_label).inc()
+            metrics.state_download_duration.labels(self.run_label).observe(time.perf_counter() - started)
             logger.info("loaded state from peers epoch=%d seconds=%.2f", self.local_epoch, time.perf_counter() - started)
         else:
             # hivemind returns without state when no peer could serve it (e.g. the swarm's progress records outlive
@@ -347,6 +353,7 @@ class Progress:
     pseudo_gradient_norm: float = float("nan")  # --averaging diloco: of the last outer step
     tcp_sent_bytes: int = 0  # what the training process sent over TCP (the data plane; kernel counters)
     tcp_received_bytes: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
     _epoch_first_step: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
     _epoch_started: float = field(default_factory=time.monotonic)
@@ -377,8 +384,10 @@ class Trainer:
         min_step_time: float | None = None,
         data_plane_host: str | None = None,
         nccl: bool = False,
+        admission: Admission | None = None,
     ) -> None:
         self.record, self.task, self.device = record, task, device
+        self.admission = admission or Admission(record.run_id)
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.status_file, self.fault_nan_step, self.min_step_time = status_file, fault_nan_step, min_step_time
         self.peer_id = str(dht.peer_id)
@@ -403,10 +412,11 @@ class Trainer:
             compression_name=record.compression,
             data_plane_host=data_plane_host,
             nccl_device=nccl_device(device) if nccl else None,
+            admission=self.admission,
         )
         self.opt = MeshOptimizer(
             dht=dht,
-            run_id=record.run_id,
+            admission=self.admission,
             params=self.model.parameters(),
             optimizer=outer_optimizer_factory(record.outer_lr, record.outer_momentum) if diloco else task_optimizer,
             batch_size_per_step=record.batch_size,
@@ -462,7 +472,7 @@ class Trainer:
         try:
             state = checkpoint.load(self.checkpoint_dir)
         except checkpoint.UnreadableCheckpoint as err:
-            others = [peer for peer in fetch_peers(self.opt.dht, self.record.run_id) if peer != self.peer_id]
+            others = [peer for peer in fetch_peers(self.opt.dht, self.record.run_id, self.admission) if peer != self.peer_id]
             if not others:
                 raise RunError(
                     f"{err}, and no live peer of run {self.record.run_id!r} has its state to take instead; "
@@ -568,6 +578,9 @@ class Trainer:
                 ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
             ):
                 self._bring(name, value, counter)
+        for reason, total in self.admission.refusals().items():  # counted here and in the averagers' processes
+            metrics.refused.labels(self.record.run_id, reason).inc(total - p.refused.get(reason, 0))
+            p.refused[reason] = total
         sent, received = self.traffic.update()
         self._bring("tcp_sent_bytes", sent, metrics.tcp_sent_bytes)
         self._bring("tcp_received_bytes", received, metrics.tcp_received_bytes)
@@ -625,7 +638,7 @@ class Trainer:
         Needs the RecordKeeper running: it announces this peer too."""
         deadline, seen = time.monotonic() + timeout, 0
         while not stop.is_set() and time.monotonic() < deadline:
-            seen = len(fetch_peers(self.opt.dht, self.record.run_id))
+            seen = len(fetch_peers(self.opt.dht, self.record.run_id, self.admission))
             if seen >= count:
                 break
             stop.wait(0.5)

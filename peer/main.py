@@ -13,12 +13,14 @@ import zlib
 import torch
 
 from mesh import checkpoint, httpserve, lifecycle, logs, metrics
+from mesh.admission import Admission
 from mesh.config import PeerConfig, describe
 from mesh.coordinator_client import Coordinator
 from mesh.dht import check_port_free, data_plane_host, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
+from mesh.records import announce_peer
 from mesh.reporting import Reporter
-from mesh.runs import RecordKeeper, join_or_create
+from mesh.runs import RecordKeeper, join_or_create, starting_presence
 from mesh.tasks import load_task
 from mesh.trainer import Trainer, pick_device
 
@@ -60,13 +62,16 @@ def run(config: PeerConfig) -> int:
         config = dataclasses.replace(config, task=task_spec, **_hyperparameters(coordinator_run))
         task = load_task(task_spec)
 
+    admission = Admission(config.run, config.run_secret)  # before any helper process forks: they count refusals
     dht = start_dht(config)
     trainer = keeper = reporter = None
     exit_code = 0
     try:
         logs.set_context(peer_id=str(dht.peer_id), run=config.run)
         logger.info("dht joined peer_id=%s addrs=%s", dht.peer_id, ",".join(visible_maddrs(dht)) or "-")
-        record = join_or_create(dht, config.run, config.task, task, config)
+        record = join_or_create(dht, config.run, config.task, task, config, admission)
+        # announced at once: a protected run's peers serve state only to peers with a signed presence
+        announce_peer(dht, str(dht.peer_id), starting_presence(record.run_id, str(device)), admission=admission)
         task = task or load_task(record.task)
         trainer = Trainer(
             dht,
@@ -85,11 +90,12 @@ def run(config: PeerConfig) -> int:
             if config.data_plane == "hivemind"
             else data_plane_host(config.data_plane_host, config.host, config.announce, dht),
             nccl=config.data_plane == "nccl",
+            admission=admission,
         )
         # hivemind's averagers set SIGINT to "ignore" in this process as they start (DecentralizedAverager.
         # run_in_background), so Ctrl-C did nothing: take the signals back
         lifecycle.install_stop_handlers(stop)
-        keeper = RecordKeeper(dht, record, trainer.presence)
+        keeper = RecordKeeper(dht, record, trainer.presence, admission)
         keeper.start()
         if coordinator is not None:
             addrs = visible_maddrs(dht)[:8]

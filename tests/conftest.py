@@ -13,8 +13,8 @@ def mesh_procs(tmp_path: Path) -> Iterator[Callable[..., MeshProcess]]:
     """Factory: ``mesh_procs(name, *args)`` starts ``python -m mesh ARGS``; everything is reaped at teardown."""
     started: list[MeshProcess] = []
 
-    def start(name: str, *args: str, env: dict | None = None) -> MeshProcess:
-        process = spawn(name, list(args), tmp_path, env)
+    def start(name: str, *args: str, env: dict | None = None, module: str = "mesh") -> MeshProcess:
+        process = spawn(name, list(args), tmp_path, env, module)
         started.append(process)
         return process
 

@@ -75,13 +75,14 @@ class MeshProcess:
         return state["model"]
 
 
-def spawn(name: str, args: list[str], workdir: Path, env: dict | None = None) -> MeshProcess:
+def spawn(name: str, args: list[str], workdir: Path, env: dict | None = None, module: str = "mesh") -> MeshProcess:
+    """``python -m MODULE ARGS`` (the mesh's CLI by default) in its own session, its output in WORKDIR/NAME.log."""
     log = workdir / f"{name}.log"
     handle = open(log, "wb")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if not (k.startswith("MESH_") and k not in (env or {}))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         stdout=handle,
         stderr=subprocess.STDOUT,

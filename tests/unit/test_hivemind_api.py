@@ -202,3 +202,30 @@ def test_the_offloaded_optimizer_diloco_and_the_resume_rely_on() -> None:
     assert "yield self.optimizer.state[param][stats]" in local
     assert "return source_tensor" in source(TrainingStateAverager._make_host_tensor)  # reused, not copied
     assert "load_optimizer_state(self.optimizer" in source(TrainingStateAverager.load_state_from_peers)
+
+
+def test_the_seams_run_admission_hooks_into() -> None:
+    """mesh/admitted.py: AdmittedAverager sits below hivemind's averager classes, SignedState above them."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.p2p import ServicerBase
+
+    from mesh.admitted import handle_name
+
+    # the public-name refusals register handlers under hivemind's own names for them
+    assert ServicerBase._get_handle_name("ns", "rpc_join_group") == handle_name("ns", "ServicerBase", "rpc_join_group")
+    # a ticket travels in the gathered metadata, which hivemind packs as [bandwidth, mode, user bytes]
+    assert "gather" == parameters(DecentralizedAverager.step)[1]
+    assert "[self.bandwidth, self.mode.value, user_data_for_gather]" in source(DecentralizedAverager.step)
+    # both averagers reach DecentralizedAverager.step through super(), so the admission's step sees every round
+    assert "super().step(" in source(GradientAverager.schedule_step)
+    assert "averaging_control = super().step(" in inspect.getsource(TrainingStateAverager)
+    # the state hivemind serves is built by TrainingStateAverager without super(): the MAC is added above it
+    assert "super().get_current_state" not in source(TrainingStateAverager.get_current_state)
+    # ... and read back below it: TrainingStateAverager loads what DecentralizedAverager's download returns
+    assert "super().load_state_from_peers(**kwargs)" in source(TrainingStateAverager.load_state_from_peers)
+    # the RPCs admission guards, and the p2p registration it extends with the public-name handlers
+    for rpc in ("rpc_join_group", "rpc_download_state", "rpc_aggregate_part"):
+        assert parameters(getattr(DecentralizedAverager, rpc))[1:] in (["request", "context"], ["_request", "_context"], ["stream", "context"])
+    assert "await self.add_p2p_handlers(self._p2p, namespace=self.prefix)" in source(DecentralizedAverager._run_internal)
+    # owned DHT subkeys: the marker the records' subkeys carry
+    assert RSASignatureValidator.PUBLIC_KEY_FORMAT == b"[owner:_key_]"

@@ -1,0 +1,69 @@
+"""Run admission with real processes on 127.0.0.1 (docs/security.md): an outsider with plain hivemind cannot touch a
+protected run, a wrong or missing secret gets one line, and the run's record cannot be forged.
+
+References: the attacked peers' parameters must equal each other and learn as a clean run must (the bound of
+``test_two_peers_agree_and_learn_like_a_single_process``: single-process SGD on the same global batch, the worst of
+five data seeds, with a 1.5x margin); the record a new peer trains by is the one the run was created with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_args
+from tests.integration.test_training import assert_same_parameters, eval_loss, reference_eval_loss, wait_exit
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+SECRET = "s3cret-of-the-test-run-0123456789"
+EPOCHS = 24
+
+
+def test_an_outsider_with_plain_hivemind_is_refused_on_every_path(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    env = {"MESH_RUN_SECRET": SECRET}
+    extra = ("--max-epochs", str(EPOCHS), "--min-peers", "2", "--average-state-every", "4")
+    honest = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *extra), env=env) for n in ("a", "b")]
+    honest[0].wait_epoch(1)
+    rogue = mesh_procs("rogue", bootstrap, "test", "25", module="tests.integration.rogue")
+    # the late joiner comes after the forged records: it must still read the run's own, and take the state
+    # meanwhile, peers with a wrong secret and with none: one line each, exit 4
+    outsiders = [
+        (mesh_procs(name, *peer_args(bootstrap, name, tmp_path, task=None), env=env), message)
+        for name, env, message in (
+            ("wrong", {"MESH_RUN_SECRET": "another-secret-of-16-chars"}, "this --run-secret is not its secret"),
+            ("none", {}, "is protected: pass its secret with --run-secret or MESH_RUN_SECRET"),
+        )
+    ]
+    rogue.wait_for(lambda: "forged and probed" in rogue.output(), 60, "the forgeries and probes")
+    late = mesh_procs("c", *peer_args(bootstrap, "c", tmp_path, "--max-epochs", str(EPOCHS), task=None), env=env)
+    for outsider, message in outsiders:
+        assert wait_exit(outsider, 60) == 4, outsider.output()[-3000:]
+        errors = [line for line in outsider.output().splitlines() if line.startswith("mesh peer: error:")]
+        assert len(errors) == 1 and message in errors[0], outsider.output()[-3000:]
+        assert "Traceback" not in outsider.output()
+    assert wait_exit(rogue, 120) == 0, rogue.output()[-3000:]
+    report = json.loads(next(line for line in rogue.output().splitlines() if line.startswith("{")))
+    for peer in (*honest, late):
+        assert wait_exit(peer, 200) == 0, peer.output()[-3000:]
+
+    # the attacker saw the run and its peers, and got nothing from them
+    assert report["records"]["copies_seen"] >= 1 and report["peers_seen"] >= 2, report
+    assert all(codes == ["PROTOCOL_VIOLATION"] for codes in report["probes"]["join"]), report
+    assert all(parts == 0 for parts in report["probes"]["download"]), report
+    # the peers it tried counted and logged the refusals; the forged records were dropped and counted
+    refused = [peer.status()["refused"] for peer in (*honest, late)]
+    assert sum(r["unadmitted"] for r in refused) >= 2 * len(honest), refused
+    assert sum(r["record"] for r in refused) >= 1, refused
+    assert all(r["state"] == 0 and r["ticket"] == 0 and r["group"] == 0 for r in refused), refused
+    assert "refused reason=unadmitted" in honest[0].output()
+    # the late joiner read the record the run was created with, not the forged one, and took the state
+    assert re.search(r"joined run run=test .* lr=0\.2 protected=True", late.output()), late.output()[-3000:]
+    assert late.status()["state_downloads"] >= 1, late.status()
+
+    final = assert_same_parameters(*honest, late)
+    references = [reference_eval_loss(EPOCHS, seed) for seed in range(5)]
+    assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), references)
