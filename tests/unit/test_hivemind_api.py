@@ -225,7 +225,8 @@ def test_the_seams_run_admission_hooks_into() -> None:
     assert "super().load_state_from_peers(**kwargs)" in source(TrainingStateAverager.load_state_from_peers)
     # the RPCs admission guards, and the p2p registration it extends with the public-name handlers
     for rpc in ("rpc_join_group", "rpc_download_state", "rpc_aggregate_part"):
-        assert parameters(getattr(DecentralizedAverager, rpc))[1:] in (["request", "context"], ["_request", "_context"], ["stream", "context"])
+        shapes = (["request", "context"], ["_request", "_context"], ["stream", "context"])
+        assert parameters(getattr(DecentralizedAverager, rpc))[1:] in shapes
     assert "await self.add_p2p_handlers(self._p2p, namespace=self.prefix)" in source(DecentralizedAverager._run_internal)
     # owned DHT subkeys: the marker the records' subkeys carry
     assert RSASignatureValidator.PUBLIC_KEY_FORMAT == b"[owner:_key_]"
