@@ -163,12 +163,27 @@ def _content(model: pydantic.BaseModel) -> dict:
     return model.dict(exclude={"signature"})
 
 
-def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL, admission: Admission | None = None) -> bool:
-    """Store (or refresh) the record; True when at least one DHT node accepted it. A protected run's record is
-    signed and written under this peer's own subkey."""
-    value, subkey = _content(record), record.run_id
+def record_entry(record: RunRecord, admission: Admission | None = None) -> tuple[str, dict]:
+    """The subkey and value this peer writes for ``record``: a protected run's signed, under this peer's own
+    subkey. Every field is in the value, the signature's too (None when open): hivemind's schema validator refuses
+    a value that parses only by filling in a default."""
+    content, subkey, signature = _content(record), record.run_id, None
     if admission is not None and admission.protected:
-        value, subkey = {**value, "signature": admission.sign("record", value)}, owned(record.run_id)
+        subkey, signature = owned(record.run_id), admission.sign("record", content)
+    return subkey, {**content, "signature": signature}
+
+
+def presence_entry(peer_id: str, presence: PeerPresence, admission: Admission | None = None) -> tuple[str, dict]:
+    """The subkey and value of this peer's presence (as :func:`record_entry`; the signature names the peer)."""
+    content, subkey, signature = _content(presence), peer_id, None
+    if admission is not None and admission.protected:
+        subkey, signature = owned(peer_id), admission.sign("presence", {"peer": peer_id, **content})
+    return subkey, {**content, "signature": signature}
+
+
+def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL, admission: Admission | None = None) -> bool:
+    """Store (or refresh) the record; True when at least one DHT node accepted it."""
+    subkey, value = record_entry(record, admission)
     stored = dht.store(RUNS_KEY, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
     return bool(stored)
 
@@ -260,9 +275,7 @@ def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0, admi
 
 
 def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = PRESENCE_TTL, admission: Admission | None = None) -> bool:
-    value, subkey = _content(presence), peer_id
-    if admission is not None and admission.protected:
-        value, subkey = {**value, "signature": admission.sign("presence", {"peer": peer_id, **value})}, owned(peer_id)
+    subkey, value = presence_entry(peer_id, presence, admission)
     return bool(dht.store(PEERS_KEY, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl))
 
 

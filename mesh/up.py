@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh import lifecycle
+from mesh import atomicfile, lifecycle
+from mesh.admission import generate_secret
 from mesh.config import UpConfig
 from mesh.errors import MeshError
 
@@ -216,6 +217,15 @@ def run(config: UpConfig) -> int:
     threads = config.threads_per_peer or max(1, (os.cpu_count() or 1) // config.peers)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     env.pop("MESH_CONFIG", None)
+    env.pop("MESH_RUN_SECRET", None)
+    # the run's credential (docs/security.md): given, or a new one; the peers get it in their environment (a flag
+    # would show in `ps`), and it is written where another terminal can read it to join
+    secret = None if config.open_run else (config.run_secret or generate_secret())
+    secret_file = workdir / "run.secret"
+    secret_file.unlink(missing_ok=True)
+    if secret is not None:
+        atomicfile.write(secret_file, secret + "\n", mode=0o600)
+    peer_env = {**env, "MESH_RUN_SECRET": secret} if secret is not None else env
     children: list[Child] = []
     exit_code = 0
     try:
@@ -274,15 +284,17 @@ def run(config: UpConfig) -> int:
         where = [f"{name}=http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()]
         print("mesh up: metrics " + " ".join([*where, f"coordinator={api_url}/metrics"]), flush=True)
         print(
-            f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run} averaging={averaging_mode(config)}; "
+            f"mesh up: {config.peers} peer(s) training task={config.task} run={config.run} averaging={averaging_mode(config)} "
+            f"{'open (no secret)' if secret is None else 'protected'}; "
             f"logs in {workdir}",
             flush=True,
         )
-        print(f"mesh up: join from another terminal with: mesh peer --join {join} --run {config.run}", flush=True)
+        credential = f"MESH_RUN_SECRET=$(cat {secret_file}) " if secret is not None else ""
+        print(f"mesh up: join from another terminal with: {credential}mesh peer --join {join} --run {config.run}", flush=True)
         peers = []
         for index in range(config.peers):
             args = _peer_args(config, join, index, workdir, threads, api_url, metrics_ports[f"peer-{index}"])
-            peer = _spawn(f"peer-{index}", args, workdir, env)
+            peer = _spawn(f"peer-{index}", args, workdir, peer_env)
             children.append(peer)
             peers.append(peer)
             if index == 0:  # the first peer creates the run; the others then join it instead of racing to create

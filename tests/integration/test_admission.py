@@ -52,6 +52,7 @@ def test_an_outsider_with_plain_hivemind_is_refused_on_every_path(bootstrap: str
 
     # the attacker saw the run and its peers, and got nothing from them
     assert report["records"]["copies_seen"] >= 1 and report["peers_seen"] >= 2, report
+    assert report["records"]["overwrites_accepted"] == 0, report  # no node stored its copy over a peer's own
     assert all(codes == ["PROTOCOL_VIOLATION"] for codes in report["probes"]["join"]), report
     assert all(parts == 0 for parts in report["probes"]["download"]), report
     # the peers it tried counted and logged the refusals; the forged records were dropped and counted
