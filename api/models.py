@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PEER_ID = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"  # base58, as libp2p prints peer ids
@@ -19,6 +19,7 @@ PeerStatus = Literal["alive", "left", "lost"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Compression = Literal["none", "fp16", "8bit"]
 Averaging = Literal["gradients", "local", "diloco"]
+Aggregation = Literal["mean", "clipped"]
 
 
 def utcnow() -> datetime:
@@ -42,6 +43,7 @@ class Hyperparameters(Strict):
     lr: float | None = Field(None, gt=0, le=10, description="null: the task's default")
     averaging: Averaging = "gradients"
     compression: Compression = "none"
+    aggregation: Aggregation = Field("mean", description="mean, or clipped: each member's contribution bounded by the median one")
     matchmaking_time: float = Field(3.0, gt=0, le=600)
     averaging_timeout: float = Field(30.0, gt=0, le=3600)
     average_state_every: int = Field(10, ge=1, le=1_000_000, description="Epochs between routine parameter averages")
@@ -49,6 +51,12 @@ class Hyperparameters(Strict):
     outer_lr: float = Field(0.7, gt=0, le=10, description="averaging diloco: the outer Nesterov SGD's learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="averaging diloco: the outer Nesterov SGD's momentum")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _clipped_needs_float32(self) -> "Hyperparameters":
+        if self.aggregation == "clipped" and self.compression != "none":
+            raise ValueError("aggregation clipped needs compression none (it sends each member's shards in float32)")
+        return self
 
 
 class RunCreate(Strict):

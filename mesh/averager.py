@@ -193,12 +193,16 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         compression_name: str,
         data_plane_host: str | None,
         nccl_device: torch.device | None = None,
+        aggregation: str = "mean",
         **kwargs: Any,
     ) -> None:
         # compression_name (none, fp16, 8bit) picks the data plane's method; hivemind's ``compression`` codec is
         # the wire format on its own all-reduce and, for 8bit, on the data plane too
         self.run_id, self.compression_name, self.codec = run_id, compression_name, kwargs.get("compression")
         self.data_plane_host = data_plane_host
+        # clipped (docs/security.md): each contribution bounded by the median one, on the data plane only
+        self.aggregation = aggregation
+        self.clipped_outliers = 0  # contributions far above the group's median (dataplane.OUTLIER_FACTOR)
         self._timeout = kwargs.get("allreduce_timeout") or 30.0
         # the averaged gradients are views of one flat shared buffer: the data plane reduces it in place
         self._flat = None
@@ -475,7 +479,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         (8-bit's gathered codec stays on gloo); returns the round's metadata by peer."""
         round_.reducing = True
         started = time.perf_counter()
-        on_gpu = nccl is not None and self.compression_name != "8bit"
+        on_gpu = nccl is not None and self.compression_name != "8bit" and self.aggregation == "mean"
         stage = "exchange"
         try:
             with self.get_tensors() as tensors:
@@ -485,6 +489,8 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
                     stage = "nccl" if on_gpu else "gloo"
                     if on_gpu:
                         self._average_on_gpu(nccl, tensors, round_, round_.weight / total)
+                    elif self.aggregation == "clipped":
+                        self._clipped(group, tensors, round_, [row[0] / total for row in rows])
                     else:
                         self._average(group, tensors, self._flat, round_, round_.weight / total)
         except Exception as err:
@@ -504,6 +510,16 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
             self.load_into_(views, round_.load_scale * share)
             share = 1.0
         dataplane.average_(group, views, flat, share, self.compression_name, self.codec)
+
+    def _clipped(self, group: Any, views: list[torch.Tensor], round_: PlaneRound, shares: list[float]) -> None:
+        """The clipped weighted mean (``--aggregation clipped``): the buffer holds this member's contribution times
+        its share, as the all-reduce's would, then the owner of each shard bounds every member's part of it."""
+        share = shares[group.rank()]
+        if round_.load_scale is not None:  # the load was left to this round: fold the share into it
+            self.load_into_(views, round_.load_scale * share)
+        elif share != 1.0:
+            self._flat.mul_(share)
+        self.clipped_outliers += dataplane.clipped_mean_(group, self._flat, shares)
 
     def _average_on_gpu(self, nccl: Any, tensors: list[torch.Tensor], round_: PlaneRound, share: float) -> None:
         """The mean on NCCL, through a buffer on this peer's GPU, then into hivemind's host buffer (whence
@@ -534,6 +550,8 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any):
         self.check_group(group_info)  # the run's admission: every member holds a valid ticket
         usable, gathered = self._members(group_info) if self.data_plane_host is not None else (False, {})
+        if not usable and self.aggregation == "clipped":  # hivemind's all-reduce has no clipping: no round
+            raise MatchmakingException("--aggregation clipped: a member of this group is not on the data plane")
         if not usable:
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         # hivemind registers each group for its own all-reduce runner, which this round does not use: mark it

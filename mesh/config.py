@@ -31,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local", "diloco")
+AGGREGATIONS = ("mean", "clipped")
 DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
 SECRET_FIELDS = ("api_token", "mongo_url", "run_secret")
@@ -163,6 +164,11 @@ class RunDefaults(Section):
     """--averaging diloco: the outer optimizer's Nesterov momentum, in [0, 1)."""
     compression: str = "none"
     """Wire format for averaged tensors: none, fp16 or 8bit."""
+    aggregation: str = "mean"
+    """How a group combines its members' gradients (or DiLoCo's pseudo-gradients): mean (weighted by samples), or
+    clipped: each member's contribution is first bounded by the group's median contribution, shard by shard, so
+    that one faulty admitted peer cannot blow up the others' step (docs/security.md). clipped needs the gloo data
+    plane and --compression none."""
     matchmaking_time: float = 3.0
     """Seconds to wait for peers to form a group before each averaging round."""
     averaging_timeout: float = 30.0
@@ -186,6 +192,9 @@ class RunDefaults(Section):
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
         _check_choice("compression", self.compression, COMPRESSIONS)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.aggregation == "clipped" and self.compression != "none":
+            raise ConfigError("--aggregation clipped needs --compression none (it sends each member's shards in float32)")
         _check_positive("matchmaking_time", self.matchmaking_time)
         _check_positive("averaging_timeout", self.averaging_timeout)
         _check_positive("average_state_every", self.average_state_every)
@@ -236,6 +245,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Testing aid: each local step takes at least this many seconds (stands in for a slower model or device)."""
     fault_nan_step: int | None = None
     """Testing aid: make the local gradient NaN at this local step (it must be skipped, never sent)."""
+    fault_gradient_scale: float | None = None
+    """Testing aid: multiply every local gradient by this factor (a faulty peer, for --aggregation clipped)."""
     coordinator: str | None = None
     """Coordinator URL (http://host:8080): heartbeats go there, and without --join it hands out the bootstrap."""
     api_token: str | None = None

@@ -279,3 +279,43 @@ def _gathered_mean(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], sh
             contribution.mul_(member_share)
         mean = contribution if mean is None else mean.add_(contribution)
     return mean
+
+
+OUTLIER_FACTOR = 2.0  # a contribution whose shard is this many times the median's is counted as an outlier
+
+
+def clipped_mean_(group: dist.ProcessGroup, flat: torch.Tensor, shares: Sequence[float]) -> int:
+    """``--aggregation clipped``: replace ``flat`` (this member's contribution times its share of the group's
+    weight) by the weighted mean of every member's contribution, each clipped to the median contribution's norm.
+
+    The buffer is cut into one shard per member; each member receives every member's part of its own shard (one
+    all-to-all), so every contribution is seen whole by an honest owner, never summed away first. The owner scales
+    each member's part by ``min(1, median / norm)``, where ``norm`` is that part's norm over the member's share
+    (the contribution itself) and ``median`` the lower median of those norms among members with weight; it sums the
+    scaled parts into the shard's mean and every member gathers all shards (one all-gather). The same bytes on the
+    wire as an all-reduce; a member's whole contribution is bounded shard by shard (as CenteredClip in
+    arXiv 2106.11257 bounds each part). Returns how many parts were outliers (norm above ``OUTLIER_FACTOR`` times
+    the median)."""
+    members = group.size()
+    shard = -(-flat.numel() // members)
+    padded = torch.zeros(shard * members, dtype=flat.dtype)
+    padded[: flat.numel()] = flat
+    received = torch.empty_like(padded)
+    group.alltoall_base(received, padded, [], [], dist.AllToAllOptions()).wait()
+    parts = received.view(members, shard)  # row i: member i's part of this member's shard
+    weights = torch.tensor(list(shares), dtype=torch.float64)
+    live = weights > 0
+    norms = torch.linalg.vector_norm(parts, dim=1).double()
+    contribution_norms = torch.where(live, norms / weights.clamp(min=1e-300), torch.zeros_like(norms))
+    outliers = 0
+    if live.any():
+        bound = contribution_norms[live].median()  # the lower median: of two members, the smaller one
+        factors = torch.where(contribution_norms > bound, bound / contribution_norms.clamp(min=1e-300), torch.ones_like(norms))
+        outliers = int(((contribution_norms > OUTLIER_FACTOR * bound) & live).sum())
+        mine = (parts * factors.to(parts.dtype).unsqueeze(1)).sum(0)
+    else:
+        mine = torch.zeros(shard, dtype=flat.dtype)
+    gathered = [torch.empty(shard, dtype=flat.dtype) for _ in range(members)]
+    group.allgather([gathered], [mine]).wait()
+    flat.copy_(torch.cat(gathered)[: flat.numel()])
+    return outliers

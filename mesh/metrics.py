@@ -53,6 +53,11 @@ allreduce_duration = Histogram(
     ["run"],
     buckets=DURATION_BUCKETS,
 )
+clipped_outliers = Counter(
+    "mesh_peer_clipped_outliers_total",
+    "--aggregation clipped: parts of contributions this peer aggregated whose norm was over twice the group's median",
+    ["run"],
+)
 refused = Counter(
     "mesh_peer_refused_total",
     "Requests, group members, records and states refused by the run's admission (docs/security.md), by reason",
@@ -155,6 +160,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         standing_rounds,
         nccl_rounds,
         state_rounds_skipped,
+        clipped_outliers,
         outer_steps,
         tcp_sent_bytes,
         tcp_received_bytes,

@@ -28,7 +28,7 @@ from hivemind.utils import get_dht_time
 
 from mesh import __version__
 from mesh.admission import Admission
-from mesh.config import AVERAGING_MODES, COMPRESSIONS, OPTIMIZERS, RUN_ID_PATTERN
+from mesh.config import AGGREGATIONS, AVERAGING_MODES, COMPRESSIONS, OPTIMIZERS, RUN_ID_PATTERN
 from mesh.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class RunRecord(pydantic.BaseModel):
     lr: pydantic.confloat(strict=True, gt=0)
     averaging: pydantic.StrictStr
     compression: pydantic.StrictStr
+    aggregation: pydantic.StrictStr = "mean"
     matchmaking_time: pydantic.confloat(strict=True, gt=0)
     averaging_timeout: pydantic.confloat(strict=True, gt=0)
     average_state_every: pydantic.conint(strict=True, ge=1) = 10
@@ -78,6 +79,7 @@ class RunRecord(pydantic.BaseModel):
     _check_optimizer = pydantic.validator("optimizer", allow_reuse=True)(_one_of(OPTIMIZERS))
     _check_averaging = pydantic.validator("averaging", allow_reuse=True)(_one_of(AVERAGING_MODES))
     _check_compression = pydantic.validator("compression", allow_reuse=True)(_one_of(COMPRESSIONS))
+    _check_aggregation = pydantic.validator("aggregation", allow_reuse=True)(_one_of(AGGREGATIONS))
 
     @pydantic.validator("target_batch_size")
     def _target_at_least_batch(cls, value: int, values: dict[str, Any]) -> int:
@@ -147,6 +149,7 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
         lr=float(hyper["lr"]),
         averaging=str(hyper["averaging"]),
         compression=str(hyper["compression"]),
+        aggregation=str(hyper.get("aggregation", "mean")),
         matchmaking_time=float(hyper["matchmaking_time"]),
         averaging_timeout=float(hyper["averaging_timeout"]),
         average_state_every=int(hyper.get("average_state_every", 10)),
@@ -233,18 +236,18 @@ def parse_records(raw: Any) -> dict[str, RunRecord]:
 def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: Admission) -> RunRecord | None:
     """The record a peer holding ``admission`` trains by, from every copy under ``run_id``; None when there is none.
 
-    An open peer takes an open run's copy and refuses a protected run. A protected peer takes only copies signed
+    An open peer takes an open run's copy and refuses a protected run (one with any signed copy). A protected peer takes only copies signed
     with its run's key (the creator's, the earliest, when several are), counts every other copy as a refused
     record, and refuses a run whose copies are all signed with another key (a wrong secret) or all unsigned (an
     open run of that id)."""
     signed = [item for item in copies if item[1].signature is not None]
     unsigned = [item for item in copies if item[1].signature is None]
     if not admission.protected:
-        if unsigned:
-            return _earliest(unsigned)
+        # any signed copy makes the run protected: an unsigned one beside it is somebody else's (an outsider's
+        # forgery would otherwise lead a peer that forgot the secret into the outsider's run)
         if signed:
             raise RunError(f"run {run_id!r} is protected: pass its secret with --run-secret or MESH_RUN_SECRET")
-        return None
+        return _earliest(unsigned) if unsigned else None
     genuine = [item for item in signed if admission.verify("record", _content(item[1]), item[1].signature)]
     for subkey, _record in (item for item in copies if item not in genuine):
         admission.refuse("record", owner_free(subkey), detail="a copy of the run record is unsigned or forged", once=subkey)

@@ -58,6 +58,7 @@ def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults
         model_fingerprint(task, defaults.seed),
         averaging=defaults.averaging,
         compression=defaults.compression,
+        aggregation=defaults.aggregation,
         matchmaking_time=defaults.matchmaking_time,
         averaging_timeout=defaults.averaging_timeout,
         average_state_every=defaults.average_state_every,

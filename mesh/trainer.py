@@ -353,6 +353,7 @@ class Progress:
     pseudo_gradient_norm: float = float("nan")  # --averaging diloco: of the last outer step
     tcp_sent_bytes: int = 0  # what the training process sent over TCP (the data plane; kernel counters)
     tcp_received_bytes: int = 0
+    clipped_outliers: int = 0  # --aggregation clipped: contributions far above the group's median
     refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
     _epoch_first_step: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
@@ -381,6 +382,7 @@ class Trainer:
         status_file: Path | None = None,
         client_mode: bool = False,
         fault_nan_step: int | None = None,
+        fault_gradient_scale: float | None = None,
         min_step_time: float | None = None,
         data_plane_host: str | None = None,
         nccl: bool = False,
@@ -390,6 +392,7 @@ class Trainer:
         self.admission = admission or Admission(record.run_id)
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.status_file, self.fault_nan_step, self.min_step_time = status_file, fault_nan_step, min_step_time
+        self.fault_gradient_scale = fault_gradient_scale
         self.peer_id = str(dht.peer_id)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -412,6 +415,7 @@ class Trainer:
             compression_name=record.compression,
             data_plane_host=data_plane_host,
             nccl_device=nccl_device(device) if nccl else None,
+            aggregation=record.aggregation,
             admission=self.admission,
         )
         self.opt = MeshOptimizer(
@@ -526,7 +530,7 @@ class Trainer:
         self.progress.local_steps += 1
         if self.fault_nan_step is not None and self.progress.local_steps == self.fault_nan_step:
             loss = loss * float("nan")
-        loss.backward()
+        (loss if self.fault_gradient_scale is None else loss * self.fault_gradient_scale).backward()
         if not gradients_finite(self.model):
             # never hand a NaN/inf to hivemind: it would be sent to the group and applied by everyone
             self.opt.zero_grad()
@@ -576,6 +580,7 @@ class Trainer:
                 ("standing_rounds", averager.standing_rounds, metrics.standing_rounds),
                 ("nccl_rounds", averager.nccl_rounds, metrics.nccl_rounds),
                 ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
+                ("clipped_outliers", averager.clipped_outliers, metrics.clipped_outliers),
             ):
                 self._bring(name, value, counter)
         for reason, total in self.admission.refusals().items():  # counted here and in the averagers' processes

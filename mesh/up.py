@@ -149,6 +149,8 @@ def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: 
         str(config.outer_momentum),
         "--compression",
         config.compression,
+        "--aggregation",
+        config.aggregation,
         "--seed",
         str(config.seed),
     ]

@@ -72,6 +72,8 @@ def run(config: PeerConfig) -> int:
         record = join_or_create(dht, config.run, config.task, task, config, admission)
         # announced at once: a protected run's peers serve state only to peers with a signed presence
         announce_peer(dht, str(dht.peer_id), starting_presence(record.run_id, str(device)), admission=admission)
+        if record.aggregation == "clipped" and config.data_plane == "hivemind":
+            raise ConfigError(f"run {record.run_id!r} aggregates with clipping, which needs the data plane: drop --data-plane hivemind")
         task = task or load_task(record.task)
         trainer = Trainer(
             dht,
@@ -85,6 +87,7 @@ def run(config: PeerConfig) -> int:
             status_file=config.status_file,
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,
+            fault_gradient_scale=config.fault_gradient_scale,
             min_step_time=config.min_step_time,
             data_plane_host=None
             if config.data_plane == "hivemind"
@@ -162,6 +165,7 @@ def _hyperparameters(run: dict) -> dict:
         "lr",
         "averaging",
         "compression",
+        "aggregation",
         "matchmaking_time",
         "averaging_timeout",
         "average_state_every",

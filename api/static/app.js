@@ -604,6 +604,7 @@
       ["averaging", h.averaging === "diloco" ? "diloco, " + h.inner_steps + " inner steps" : h.averaging],
       ["outer lr / momentum", h.averaging === "diloco" ? h.outer_lr + " / " + h.outer_momentum : null],
       ["compression", h.compression],
+      ["aggregation", h.aggregation],
       ["matchmaking", isNum(h.matchmaking_time) ? h.matchmaking_time + " s" : null],
       ["avg. timeout", isNum(h.averaging_timeout) ? h.averaging_timeout + " s" : null],
       ["seed", h.seed],

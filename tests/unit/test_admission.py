@@ -88,8 +88,11 @@ def test_record_choice_refuses_a_wrong_secret_a_missing_one_and_an_open_run_of_t
         choose_record("run", signed, Admission("run"))
     with pytest.raises(RunError, match="is an open run"):
         choose_record("run", [_copy(None)], Admission("run", SECRET))
-    # an open peer of an open run, also when someone added a signed copy; and no copy at all is no run
-    assert choose_record("run", [_copy(None), *signed], Admission("run")) == _copy(None)[1]
+    # an outsider's unsigned copy beside the signed ones does not make the run look open to a peer without the secret
+    with pytest.raises(RunError, match="is protected: pass its secret"):
+        choose_record("run", [_copy(None), *signed], Admission("run"))
+    assert choose_record("run", [_copy(None)], Admission("run")) == _copy(None)[1]
+    # no copy at all is no run
     assert choose_record("run", [], Admission("run", SECRET)) is None
 
 
