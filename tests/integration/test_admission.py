@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import peer_args
 from tests.integration.test_training import assert_same_parameters, eval_loss, reference_eval_loss, wait_exit
@@ -68,3 +69,32 @@ def test_an_outsider_with_plain_hivemind_is_refused_on_every_path(bootstrap: str
     final = assert_same_parameters(*honest, late)
     references = [reference_eval_loss(EPOCHS, seed) for seed in range(5)]
     assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), references)
+
+
+@pytest.mark.parametrize("aggregation", ["clipped", "mean"])
+def test_clipped_aggregation_bounds_an_admitted_peer_sending_huge_gradients(
+    aggregation: str, bootstrap: str, mesh_procs, tmp_path: Path
+) -> None:
+    """One of three admitted peers multiplies its gradients by 1e4. Clipped: the two honest peers learn within 2x
+    of what a clean run must reach (single-process SGD's worst of five data seeds). Mean: the same attack ruins
+    them (so this test can fail)."""
+    epochs = 8 if aggregation == "clipped" else 3
+    common = ("--max-epochs", str(epochs), "--min-peers", "3", "--aggregation", aggregation)
+    env = {"MESH_RUN_SECRET": SECRET}
+    peers = [
+        mesh_procs(name, *peer_args(bootstrap, name, tmp_path, *common, *extra), env=env)
+        for name, extra in (("a", ()), ("b", ()), ("faulty", ("--fault-gradient-scale", "1e4")))
+    ]
+    for peer in peers:
+        assert wait_exit(peer, 200) == 0, peer.output()[-3000:]
+    honest = peers[:2]
+    final = honest[0].load_parameters()
+    references = [reference_eval_loss(epochs, seed) for seed in range(5)]
+    loss = eval_loss(final) if all(torch.isfinite(t).all() for t in final.values()) else float("inf")
+    if aggregation == "clipped":
+        assert_same_parameters(*honest)
+        assert loss <= 2 * max(references), (loss, references)
+        assert sum(peer.status()["clipped_outliers"] for peer in peers) >= epochs, [p.status() for p in peers]
+        assert all(peer.status()["rounds"]["ok"] >= epochs - 1 for peer in honest), [p.status() for p in honest]
+    else:
+        assert loss > 100 * max(references), (loss, references)

@@ -35,7 +35,14 @@ class Member:
     """One averaging member: a DHT, parameters whose gradients are known, and a MeshGradientAverager."""
 
     def __init__(
-        self, index: int, stack: ExitStack, initial_peers: list, compression: str = "none", timeout: float = 10.0, epochs: bool = False
+        self,
+        index: int,
+        stack: ExitStack,
+        initial_peers: list,
+        compression: str = "none",
+        timeout: float = 10.0,
+        epochs: bool = False,
+        aggregation: str = "mean",
     ) -> None:
         self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
         stack.callback(self.dht.shutdown)
@@ -52,9 +59,11 @@ class Member:
             min_matchmaking_time=3.0,
             request_timeout=1.0,
             allreduce_timeout=timeout,
+            aggregation=aggregation,
         )
         stack.callback(self.averager.shutdown)
         self.seed = 100 * index
+        self.scale = 1.0  # a faulty member's gradients are this many times too large
         self.round = 0
         if epochs:  # what a trainer publishes: with them, a settled group's next round skips matchmaking
             self.averager.local_epoch = lambda: self.round
@@ -62,7 +71,7 @@ class Member:
 
     def gradients(self, round_: int) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed + round_)
-        return [torch.randn(n, generator=gen) for n in SIZES]
+        return [self.scale * torch.randn(n, generator=gen) for n in SIZES]
 
     def start_round(self, round_: int, group_size: int, samples: int):
         """Accumulate this round's gradients (``samples`` = the weight) and begin averaging; returns the control."""
@@ -133,6 +142,40 @@ def test_average_is_the_weighted_mean(compression: str, group: int) -> None:
         assert [m.averager.standing_rounds for m in members] == [1] * group
         assert [m.averager.data_plane_builds for m in members] == [1] * group  # built once, then cached
         assert [m.averager.data_plane_fallbacks for m in members] == [0] * group  # never hivemind's all-reduce
+
+
+def clipped_mean(members: list[Member], round_: int, weights: list[int]) -> torch.Tensor:
+    """By hand: the flat buffer cut into one shard per member; in each shard every member's part is scaled down to
+    the lower median of the parts' norms, then the weighted mean is taken (mesh.dataplane.clipped_mean_)."""
+    flats = [torch.cat(m.gradients(round_)) for m in members]
+    shard = -(-flats[0].numel() // len(members))
+    out = []
+    for start in range(0, flats[0].numel(), shard):
+        parts = [f[start : start + shard] for f in flats]
+        norms = sorted(float(p.norm()) for p in parts)
+        bound = norms[(len(norms) - 1) // 2]
+        scaled = [p * min(1.0, bound / float(p.norm())) for p in parts]
+        out.append(sum(w * p for w, p in zip(weights, scaled)) / sum(weights))
+    return torch.cat(out)
+
+
+def test_clipped_aggregation_bounds_a_faulty_member_and_is_the_clipped_mean() -> None:
+    with ExitStack() as stack:
+        members = start_members(3, stack, epochs=True, aggregation="clipped")
+        members[2].scale = 1e4
+        weights = [16, 32, 48]
+        for round_ in (1, 2, 3):  # matched, reused, then standing (the share folded into the load)
+            run_round(members, round_, weights)
+            want = clipped_mean(members, round_, weights)
+            for member in members:
+                assert_close(torch.cat(member.averaged()), want, rtol=1e-5, atol=1e-5)
+            # bounded: the faulty member's x1e4 moves the mean by less than the honest members' own norm
+            honest = torch.cat(weighted_mean(members[:2], round_, weights[:2]))
+            assert float((want - honest).norm()) < 2 * float(honest.norm())
+            assert float(torch.cat(weighted_mean(members, round_, weights)).norm()) > 1e3 * float(honest.norm())  # unclipped
+        # each member owns one shard, where the faulty member's part is the one outlier, every round
+        assert [m.averager.clipped_outliers for m in members] == [3, 3, 3]
+        assert [m.averager.standing_rounds for m in members] == [1] * 3
 
 
 def _victim(initial_peers: list, timeout: float, conn) -> None:
