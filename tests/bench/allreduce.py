@@ -28,7 +28,9 @@ mesh's processes every repetition first times a bare gloo all-reduce (SUM of one
 the data plane uses, then bare gloo's mean (the SUM, then a division by the group size, as DDP's default hook does),
 then bare gloo after copying the accumulated values into its buffer, then the data plane, back to back;
 ``mesh/gloo_paired``, ``mesh/gloo_mean_paired`` and ``mesh/gloo_load_paired`` are the medians over repetitions of
-the ratios of their times.
+the ratios of their times. ``mesh/clipped_paired`` is the same ratio for the data plane's round with
+``--aggregation clipped`` (all-to-all, clipping per shard, all-gather) against its plain round: the clipped round's
+time over the plain one's, so above 1 by what clipping costs.
 
     python -m tests.bench.allreduce                                  # 1M, 10M, 25M elements; groups of 2 and 4
     python -m tests.bench.allreduce --sizes 1M --groups 2 --repeats 2
@@ -56,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, exchange, flat_views, load_scaled_
+from mesh.dataplane import Endpoint, GroupCache, StoreHost, average_, clipped_mean_, exchange, flat_views, load_scaled_
 
 METHODS = ("gloo", "mesh", "hivemind")
 PROBE = 4096  # leading elements compared against the closed-form result after the warm-up
@@ -170,7 +172,12 @@ def _run_mesh(rank: int, world: int, sizes: list[int], repeats: int, shared, bar
 
 
 # the mesh's paired baselines: (key in a member's figures, name in the ratios)
-PAIRED = (("paired_gloo_s", "gloo_paired"), ("paired_gloo_mean_s", "gloo_mean_paired"), ("paired_gloo_load_s", "gloo_load_paired"))
+PAIRED = (
+    ("paired_gloo_s", "gloo_paired"),
+    ("paired_gloo_mean_s", "gloo_mean_paired"),
+    ("paired_gloo_load_s", "gloo_load_paired"),
+    ("paired_clipped_s", "clipped_paired"),  # the data plane's round with --aggregation clipped: above 1, its cost
+)
 
 
 def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrier) -> dict:
@@ -183,6 +190,11 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
         load_scaled_(views, [accumulated], 1.0 / sum(row[0] for row in rows))
         average_(group, views, flat, share=1.0, compression="none")
 
+    def clipped() -> None:  # the same round with --aggregation clipped: all-to-all, clip per shard, all-gather
+        rows = exchange(group, [1.0, 0.0, 0.0, 0.0, float(world), 0.0, 0.0])
+        load_scaled_(views, [accumulated], 1.0 / sum(row[0] for row in rows))
+        clipped_mean_(group, flat, [row[0] / sum(r[0] for r in rows) for row in rows])
+
     barrier.wait(BARRIER_TIMEOUT)
     work()  # warm-up
     error = _check(flat, probe, (world + 1) / 2)
@@ -190,8 +202,9 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
     # SUM, then a division, as DDP's default hook averages), bare gloo after a copy of the accumulated values into
     # its buffer (the least any average of accumulated gradients into a separate buffer does), then the data plane,
     # back to back, so that all of them see the same moment of a shared machine
-    times, paired, paired_mean, paired_load = [], [], [], []
+    times, paired, paired_mean, paired_load, paired_clipped = [], [], [], [], []
     for _ in range(repeats):
+        paired_clipped += _timed(clipped, barrier, 1)
         paired += _timed(lambda: group.allreduce([bare]).wait(), barrier, 1, between=lambda: bare.div_(world))
         paired_mean += _timed(lambda: (group.allreduce([bare]).wait(), bare.div_(world)), barrier, 1)
         paired_load += _timed(lambda: (bare.copy_(accumulated), group.allreduce([bare]).wait()), barrier, 1)
@@ -201,6 +214,7 @@ def _mesh_size(group, elements: int, rank: int, world: int, repeats: int, barrie
         "paired_gloo_s": paired,
         "paired_gloo_mean_s": paired_mean,
         "paired_gloo_load_s": paired_load,
+        "paired_clipped_s": paired_clipped,
         "check_error": error,
     }
 
