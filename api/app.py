@@ -93,11 +93,12 @@ def _observer_ctx(dht):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from api import observer
 
+        config = app[CONFIG]
+
         async def publish(run) -> bool:
-            return await asyncio.to_thread(observer.publish, dht, run)
+            return await asyncio.to_thread(observer.publish, dht, run, config.run_secret_key)
 
         app[PUBLISH] = publish
-        config = app[CONFIG]
         task = asyncio.create_task(
             observer.observe_forever(dht, app[STORE], config.observe_interval, config.heartbeat_interval), name="dht-observer"
         )

@@ -32,12 +32,14 @@ from api.models import (
     RunCreate,
     RunPage,
     RunProgress,
+    RunSecret,
     RunStatus,
     Summary,
     utcnow,
 )
 from api.store.base import MAX_LIMIT, NotFound, Store
 from mesh import __version__, join_url, metrics
+from mesh.admission import coordinator_secret
 from mesh.errors import JoinError
 
 logger = logging.getLogger(__name__)
@@ -195,6 +197,17 @@ def _with_task_defaults(task_spec: str, hyper: dict) -> dict:
 
 async def get_run(request: web.Request) -> web.Response:
     return reply(await store_of(request).get_run(path_id(request, "run_id", RUN_ID)))
+
+
+async def run_secret(request: web.Request) -> web.Response:
+    """A run's secret, for a peer that holds the API token (the auth middleware asks for it on this path even when
+    reads are open). Derived from ``--run-secret-key`` and the run id (mesh.admission.coordinator_secret)."""
+    run_id = path_id(request, "run_id", RUN_ID)
+    key = request.app[CONFIG].run_secret_key
+    if not key:
+        raise NotFound("this coordinator hands out no run secrets: start it with --run-secret-key (docs/security.md)")
+    await store_of(request).get_run(run_id)  # NotFound for a run it does not know
+    return reply(RunSecret(run_id=run_id, run_secret=coordinator_secret(key, run_id)))
 
 
 async def stop_run(request: web.Request) -> web.Response:

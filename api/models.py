@@ -183,6 +183,11 @@ class Bootstrap(BaseModel):
     addrs: list[str]
 
 
+class RunSecret(BaseModel):
+    run_id: str
+    run_secret: str
+
+
 class Health(BaseModel):
     status: str
     version: str

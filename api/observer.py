@@ -15,6 +15,7 @@ from hivemind import DHT
 
 from api.models import Heartbeat, Hyperparameters, Run, utcnow
 from api.store.base import Conflict, NotFound, Store, StoreError
+from mesh.admission import Admission, coordinator_secret
 from mesh.config import NetworkConfig, RunDefaults
 from mesh.dht import start_dht
 from mesh.records import fetch_peers, fetch_runs, publish_run
@@ -95,8 +96,9 @@ async def observe_forever(dht: DHT, store: Store, interval: float, heartbeat_int
         await asyncio.sleep(interval)
 
 
-def publish(dht: DHT, run: Run) -> bool:
-    """Publish a run created through the API; needs the task importable here to fingerprint its model."""
+def publish(dht: DHT, run: Run, run_secret_key: str | None = None) -> bool:
+    """Publish a run created through the API; needs the task importable here to fingerprint its model. With
+    ``--run-secret-key`` the run is protected: its record is signed with the secret the coordinator hands out."""
     try:
         task = load_task(run.task)
     except Exception as err:
@@ -109,4 +111,5 @@ def publish(dht: DHT, run: Run) -> bool:
         return False
     defaults = RunDefaults(**run.hyperparameters.model_dump())
     record = create_record(run.run_id, run.task, task, defaults)
-    return publish_run(dht, record)
+    secret = coordinator_secret(run_secret_key, run.run_id) if run_secret_key else None
+    return publish_run(dht, record, admission=Admission(run.run_id, secret))

@@ -27,6 +27,7 @@ from api.models import (
     Run,
     RunCreate,
     RunPage,
+    RunSecret,
     Summary,
 )
 from api.store.base import MAX_LIMIT
@@ -58,6 +59,7 @@ class Operation:
     body: type[BaseModel] | None = None
     query: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
+    secured: bool = False  # needs the bearer token even as a read (api/auth.py: ALWAYS_PROTECTED)
 
 
 _RUN = "{run_id}"
@@ -79,6 +81,16 @@ OPERATIONS = (
     ),
     Operation("POST", "/runs", h.create_run, "Create a run", "runs", Run, 201, RunCreate, errors=(401, 409, 413, 422, 503)),
     Operation("GET", f"/runs/{_RUN}", h.get_run, "One run", "runs", Run, errors=(404, 422, 503)),
+    Operation(
+        "GET",
+        f"/runs/{_RUN}/secret",
+        h.run_secret,
+        "The run's secret, for peers holding the API token (with --run-secret-key)",
+        "runs",
+        RunSecret,
+        errors=(401, 404, 422, 503),
+        secured=True,
+    ),
     Operation(
         "POST",
         f"/runs/{_RUN}/stop",
@@ -211,7 +223,9 @@ def openapi_document() -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.body.__name__}"}}},
             }
-        if op.method != "GET":
+        if op.secured:
+            operation["security"] = [{"bearer": []}]
+        elif op.method != "GET":
             operation["security"] = [{"bearer": []}, {}]
         paths.setdefault(path, {})[op.method.lower()] = operation
     return {

@@ -23,6 +23,7 @@ process after the :class:`Admission` is made) count into the same numbers the tr
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import hashlib
 import hmac
@@ -51,6 +52,12 @@ LOG_EVERY = 60.0  # seconds between WARNING lines for the same reason and peer
 def generate_secret() -> str:
     """A new run secret: 32 random bytes, URL-safe text."""
     return secrets.token_urlsafe(32)
+
+
+def coordinator_secret(key: str, run_id: str) -> str:
+    """The secret a coordinator with ``--run-secret-key`` hands out for ``run_id``: derived, so nothing is stored."""
+    digest = hmac.new(key.encode(), b"mesh coordinator run secret v1\0" + run_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def canonical(payload: Any) -> bytes:

@@ -34,7 +34,7 @@ AVERAGING_MODES = ("gradients", "local", "diloco")
 AGGREGATIONS = ("mean", "clipped")
 DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
-SECRET_FIELDS = ("api_token", "mongo_url", "run_secret")
+SECRET_FIELDS = ("api_token", "mongo_url", "run_secret", "run_secret_key")
 MIN_SECRET_LENGTH = 16
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -355,8 +355,16 @@ class ApiConfig(LogConfig):
     """Largest accepted request body (413 above)."""
     address_file: Path | None = None
     """Write the coordinator's URL here once it listens."""
+    run_secret_key: str | None = None
+    """Hand each run's secret to peers that ask with the API token (GET /api/v1/runs/RUN/secret): the secret is
+    derived from this key and the run id, so nothing secret is stored. Needs --api-token; serve over HTTPS."""
 
     def _validate(self) -> None:
+        if self.run_secret_key is not None:
+            if len(self.run_secret_key) < MIN_SECRET_LENGTH:
+                raise ConfigError(f"--run-secret-key must be at least {MIN_SECRET_LENGTH} characters")
+            if not self.api_token:
+                raise ConfigError("--run-secret-key needs --api-token: without one, anybody could ask for a run's secret")
         _check_port("port", self.port)
         _check_positive("heartbeat_interval", self.heartbeat_interval)
         _check_positive("max_body_bytes", self.max_body_bytes)

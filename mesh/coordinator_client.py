@@ -60,6 +60,12 @@ class Coordinator:
         """The run as the coordinator stores it, or None when it does not know the run."""
         return self.get(f"/runs/{run_id}")
 
+    def run_secret(self, run_id: str) -> str | None:
+        """The run's secret, when the coordinator hands secrets out (``--run-secret-key``) and knows the run."""
+        data = self.get(f"/runs/{run_id}/secret") or {}
+        secret = data.get("run_secret")
+        return secret if isinstance(secret, str) else None
+
     def pick_run(self) -> str:
         """``--run auto``: the active run that most needs peers (furthest below its minimum, then emptiest relative
         to its maximum, then oldest); full runs are skipped."""

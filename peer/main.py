@@ -56,6 +56,16 @@ def run(config: PeerConfig) -> int:
             coordinator_run = coordinator.run_config(config.run)
         except JoinError as err:  # with --join the mesh does not need the coordinator: train, report later
             logger.warning("%s; training without it for now", err)
+    if coordinator is not None and config.run_secret is None:
+        # a coordinator with --run-secret-key hands the run's secret to peers holding its API token
+        try:
+            secret = coordinator.run_secret(config.run)
+        except JoinError as err:
+            logger.warning("%s; no run secret from the coordinator", err)
+            secret = None
+        if secret is not None:
+            config = dataclasses.replace(config, run_secret=secret)
+            logger.info("run secret from the coordinator run=%s", config.run)
     if task is None and coordinator_run is not None and coordinator_run.get("task") not in (None, "unknown"):
         # a run created through the coordinator's API: this peer can create its DHT record from it
         task_spec = coordinator_run["task"]

@@ -254,6 +254,42 @@ async def test_bearer_token_guards_writes(tmp_path: Path) -> None:
         await client.close()
 
 
+async def test_a_runs_secret_is_handed_only_to_token_holders(tmp_path: Path) -> None:
+    from mesh.admission import coordinator_secret
+
+    key = "the-coordinators-secret-key"
+    client = await make_client(tmp_path, api_token="s3cret", run_secret_key=key)
+    good = {"Authorization": "Bearer s3cret"}
+    try:
+        assert (await client.post("/api/v1/runs", json={"run_id": "r1", "task": "regression"}, headers=good)).status == 201
+        # reads are open on this coordinator, but not this one
+        response = await client.get("/api/v1/runs/r1/secret")
+        assert response.status == 401
+        assert_error(await response.json(), "unauthorized")
+        assert (await client.get("/api/v1/runs/r1/secret", headers={"Authorization": "Bearer wrong"})).status == 401
+        body = await (await client.get("/api/v1/runs/r1/secret", headers=good)).json()
+        assert body == {"run_id": "r1", "run_secret": coordinator_secret(key, "r1")}
+        assert coordinator_secret(key, "r1") != coordinator_secret(key, "r2") and len(body["run_secret"]) >= 16
+        assert (await client.get("/api/v1/runs/nope/secret", headers=good)).status == 404
+        assert "run_secret" not in json.dumps(await (await client.get("/api/v1/runs/r1")).json())  # never elsewhere
+    finally:
+        await client.close()
+    plain = await make_client(tmp_path / "plain", api_token="s3cret")
+    try:
+        await plain.post("/api/v1/runs", json={"run_id": "r1", "task": "regression"}, headers=good)
+        response = await plain.get("/api/v1/runs/r1/secret", headers=good)
+        assert response.status == 404 and "--run-secret-key" in (await response.json())["error"]["message"]
+    finally:
+        await plain.close()
+
+
+def test_a_secret_key_without_a_token_is_refused() -> None:
+    from mesh.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --api-token"):
+        ApiConfig(run_secret_key="the-coordinators-secret-key")
+
+
 async def test_everything_persists_across_a_restart(tmp_path: Path) -> None:
     client = await make_client(tmp_path)
     await create(client)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -245,9 +246,12 @@ def _id_of(ids: dict[str, str], name: str) -> str:
 
 
 def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
-    """Issue 10: with --protect-reads a peer's start-up reads (bootstrap, --run auto, the run's config) got 401."""
+    """Issue 10: with --protect-reads a peer's start-up reads (bootstrap, --run auto, the run's config) got 401.
+    Issue 12: the coordinator hands the run's secret (--run-secret-key) to the peer holding its token."""
     token = "s3cret-token"
-    coordinator = start_coordinator(mesh_procs, bootstrap, tmp_path, "--api-token", token, "--protect-reads")
+    coordinator = start_coordinator(
+        mesh_procs, bootstrap, tmp_path, "--api-token", token, "--protect-reads", "--run-secret-key", "the-coordinators-key-16"
+    )
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     body = {"run_id": "guarded", "task": "regression", "hyperparameters": {"target_batch_size": 512}}
     request = urllib.request.Request(f"{coordinator}/api/v1/runs", data=json.dumps(body).encode(), method="POST", headers=auth)
@@ -263,6 +267,8 @@ def test_peers_start_and_report_against_a_read_protected_coordinator(bootstrap: 
     peer = mesh_procs("a", *_no_join(peer_args("", "a", tmp_path, *common, "--api-token", token, run="auto", task=None)))
     assert peer.proc.wait(180) == 0, peer.output()[-3000:]
     assert "picked run run=guarded" in peer.output()
+    assert "run secret from the coordinator run=guarded" in peer.output()
+    assert re.search(r"created run run=guarded .* protected=True", peer.output()), peer.output()[-3000:]
     request = urllib.request.Request(f"{coordinator}/api/v1/runs/guarded", headers=auth)
     run = json.load(urllib.request.urlopen(request, timeout=10))
     assert run["progress"]["epoch"] >= 1  # its heartbeats carried the token too
