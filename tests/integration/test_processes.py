@@ -143,6 +143,11 @@ def test_mesh_up_runs_bounded_epochs_and_leaves_nothing_behind(tmp_path: Path) -
     assert "epoch=2 " in out and "last_group=2" in out  # progress lines, with averaging across both peers
     assert "status page: http://127.0.0.1:" in out
     assert "stopped bootstrap=0 coordinator=0 peer-0=0 peer-1=0" in out
+    # the run is protected by a secret mesh up made (docs/security.md); it says how to join with it
+    secret_file = workdir / "run.secret"
+    assert (secret_file.stat().st_mode & 0o777) == 0o600 and len(secret_file.read_text().strip()) >= 16
+    assert f"join from another terminal with: MESH_RUN_SECRET=$(cat {secret_file}) mesh peer --join" in out
+    assert all("protected=True" in (workdir / f"peer-{index}.log").read_text() for index in (0, 1))
     assert any("p2pd" in " ".join(psutil.Process(pid).cmdline()) for pid in alive(seen)) is False
     deadline = time.monotonic() + 10
     while alive(seen) and time.monotonic() < deadline:
