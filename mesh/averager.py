@@ -203,6 +203,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         # clipped (docs/security.md): each contribution bounded by the median one, on the data plane only
         self.aggregation = aggregation
         self.clipped_outliers = 0  # contributions far above the group's median (dataplane.OUTLIER_FACTOR)
+        self.unbounded_steps_skipped = 0  # clipped: epochs whose round failed, stepped with no gradient instead
         self._timeout = kwargs.get("allreduce_timeout") or 30.0
         # the averaged gradients are views of one flat shared buffer: the data plane reduces it in place
         self._flat = None
@@ -355,6 +356,12 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         if self._in_step and isinstance(round_, PlaneRound) and round_.inner is None and not round_.triggered:
             round_.load_scale = scale
             return
+        if not self._in_step and self.aggregation == "clipped" and self._wanted_group_size.value > 1:
+            # hivemind's fallback after a round without the group: --aggregation clipped never applies a gradient
+            # nobody else bounded (a faulty member's own would put its parameters, then everyone's through the
+            # next parameter round or state download, far off); the epoch's step is a zero-gradient step
+            scale = 0.0
+            self.unbounded_steps_skipped += 1
         with self.get_tensors() as averaged:
             self.load_into_(list(averaged), scale)
 

@@ -58,6 +58,11 @@ clipped_outliers = Counter(
     "--aggregation clipped: parts of contributions this peer aggregated whose norm was over twice the group's median",
     ["run"],
 )
+unbounded_steps_skipped = Counter(
+    "mesh_peer_clipped_skipped_steps_total",
+    "--aggregation clipped: epochs whose round failed without the group, stepped with no gradient instead of the local one",
+    ["run"],
+)
 refused = Counter(
     "mesh_peer_refused_total",
     "Requests, group members, records and states refused by the run's admission (docs/security.md), by reason",
@@ -161,6 +166,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         nccl_rounds,
         state_rounds_skipped,
         clipped_outliers,
+        unbounded_steps_skipped,
         outer_steps,
         tcp_sent_bytes,
         tcp_received_bytes,

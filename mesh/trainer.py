@@ -354,6 +354,7 @@ class Progress:
     tcp_sent_bytes: int = 0  # what the training process sent over TCP (the data plane; kernel counters)
     tcp_received_bytes: int = 0
     clipped_outliers: int = 0  # --aggregation clipped: contributions far above the group's median
+    unbounded_steps_skipped: int = 0  # --aggregation clipped: failed rounds stepped with no gradient
     refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
     _epoch_first_step: int = 0
     _epoch_losses: list[float] = field(default_factory=list)
@@ -581,6 +582,7 @@ class Trainer:
                 ("nccl_rounds", averager.nccl_rounds, metrics.nccl_rounds),
                 ("state_rounds_skipped", averager.state_rounds_skipped, metrics.state_rounds_skipped),
                 ("clipped_outliers", averager.clipped_outliers, metrics.clipped_outliers),
+                ("unbounded_steps_skipped", averager.unbounded_steps_skipped, metrics.unbounded_steps_skipped),
             ):
                 self._bring(name, value, counter)
         for reason, total in self.admission.refusals().items():  # counted here and in the averagers' processes

@@ -98,3 +98,30 @@ def test_clipped_aggregation_bounds_an_admitted_peer_sending_huge_gradients(
         assert all(peer.status()["rounds"]["ok"] >= epochs - 1 for peer in honest), [p.status() for p in honest]
     else:
         assert loss > 100 * max(references), (loss, references)
+
+
+def test_two_runs_with_different_secrets_on_one_dht_never_average_together(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """Two protected runs, two peers each, on one bootstrap at the same time: each pair averages only with itself
+    (a group of four would make all four parameters equal), and neither refuses anything: they never even meet."""
+    runs = {"x": ("x1", "x2"), "y": ("y1", "y2")}
+    peers = {
+        run: [
+            mesh_procs(
+                name,
+                *peer_args(bootstrap, name, tmp_path, "--max-epochs", "4", "--min-peers", "2", run=run),
+                env={"MESH_RUN_SECRET": f"{run}-secret-0123456789"},
+            )
+            for name in names
+        ]
+        for run, names in runs.items()
+    }
+    for pair in peers.values():
+        for peer in pair:
+            assert wait_exit(peer, 200) == 0, peer.output()[-3000:]
+    finals = {run: assert_same_parameters(*pair) for run, pair in peers.items()}
+    assert not torch.allclose(finals["x"]["weight"], finals["y"]["weight"])
+    for pair in peers.values():
+        for peer in pair:
+            status = peer.status()
+            assert status["last_group_size"] == 2 and status["rounds"]["ok"] >= 3, status
+            assert sum(status["refused"].values()) == 0, status

@@ -327,3 +327,24 @@ def test_membership_change_rebuilds_the_group_and_averages_over_the_new_members(
         for member in pair:
             assert_mean(member.averaged(), weighted_mean(pair, 3, [3, 1]), "none")
             assert member.averager.data_plane_builds == 3  # pair, trio, pair again: each membership its own group
+
+
+@pytest.mark.parametrize("aggregation", ["clipped", "mean"])
+def test_a_round_without_the_group_falls_back_to_no_gradient_when_clipped(aggregation: str) -> None:
+    """hivemind.Optimizer's fallback after a failed round loads the local gradient (load_accumulators_into_averager_
+    outside a step). Clipped: with others live, nothing unbounded is applied (a faulty peer's own x1e4 gradient put
+    its parameters, then everyone's through the next parameter round, far off in CI); alone, the local gradient."""
+    with ExitStack() as stack:
+        member = Member(0, stack, [], aggregation=aggregation)
+        for live, alone in ((3, False), (1, True)):
+            for param, grad in zip(member.params, member.gradients(1)):
+                param.grad = grad.clone()
+            member.averager.accumulate_grads_(batch_size=16)
+            member.averager.set_target_group_size(live)
+            member.averager.load_accumulators_into_averager_()
+            local = member.gradients(1)
+            skipped = aggregation == "clipped" and not alone
+            for got, want in zip(member.averaged(), local):
+                assert_close(got, torch.zeros_like(want) if skipped else want)
+            member.averager.reset_accumulated_grads_()
+        assert member.averager.unbounded_steps_skipped == (1 if aggregation == "clipped" else 0)
