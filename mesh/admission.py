@@ -47,6 +47,7 @@ REFUSAL_REASONS = (
     "presence",  # a peer presence under a protected run whose signature does not verify
 )
 LOG_EVERY = 60.0  # seconds between WARNING lines for the same reason and peer
+REMEMBERED = 4096  # (reason, peer) and (reason, record) pairs kept for the limits below; older ones are forgotten
 
 
 def generate_secret() -> str:
@@ -132,11 +133,15 @@ class Admission:
         if once is not None:
             if (reason, once) in self._seen:
                 return
+            if len(self._seen) >= REMEMBERED:  # an attacker cycling subkeys cannot grow this without bound
+                self._seen.clear()
             self._seen.add((reason, once))
         self._refused[REFUSAL_REASONS.index(reason)] += 1
         peer = str(peer)
         now = time.monotonic()
         if now - self._logged.get((reason, peer), -LOG_EVERY) >= LOG_EVERY:
+            if len(self._logged) >= REMEMBERED:  # nor cycling peer ids this
+                self._logged.clear()
             self._logged[(reason, peer)] = now
             logger.warning("refused reason=%s run=%s peer=%s%s", reason, self.run_id, peer or "-", f" {detail}" if detail else "")
 

@@ -11,7 +11,7 @@ from hivemind.dht.crypto import DHTRecord, RSASignatureValidator
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from mesh.admission import REFUSAL_REASONS, Admission
+from mesh.admission import REFUSAL_REASONS, REMEMBERED, Admission
 from mesh.admitted import state_mac
 from mesh.config import ConfigError, PeerConfig, UpConfig, describe
 from mesh.errors import RunError
@@ -60,6 +60,11 @@ def test_refusals_are_counted_by_reason_and_a_record_read_again_once() -> None:
     admission.refuse("record", "run", once="run[owner:x]")
     admission.refuse("record", "run", once="run[owner:x]")
     assert admission.refusals() == {**dict.fromkeys(REFUSAL_REASONS, 0), "ticket": 2, "record": 1}
+    # an attacker cycling peer ids and subkeys grows the limiter's memory only to a bound
+    for index in range(2 * REMEMBERED):
+        admission.refuse("presence", f"peer-{index}", once=f"peer-{index}[owner:k]")
+    assert len(admission._logged) <= REMEMBERED and len(admission._seen) <= REMEMBERED
+    assert admission.refusals()["presence"] == 2 * REMEMBERED
 
 
 def _copy(admission: Admission | None, created_at: float = 1.0, owner: str = "[owner:k1]", **overrides) -> tuple[str, RunRecord]:
