@@ -166,22 +166,23 @@ def _content(model: pydantic.BaseModel) -> dict:
     return model.dict(exclude={"signature"})
 
 
+def _entry(kind: str, name: str, model: pydantic.BaseModel, admission: Admission | None, signed: dict) -> tuple[str, dict]:
+    """The subkey and value this peer writes under ``name``: a protected run's signed (``signed`` is what the
+    signature covers), under this peer's own subkey. Every field is in the value, the signature's too (None when
+    open): hivemind's schema validator refuses a value that parses only by filling in a default."""
+    if admission is None or not admission.protected:
+        return name, {**_content(model), "signature": None}
+    return owned(name), {**_content(model), "signature": admission.sign(kind, signed)}
+
+
 def record_entry(record: RunRecord, admission: Admission | None = None) -> tuple[str, dict]:
-    """The subkey and value this peer writes for ``record``: a protected run's signed, under this peer's own
-    subkey. Every field is in the value, the signature's too (None when open): hivemind's schema validator refuses
-    a value that parses only by filling in a default."""
-    content, subkey, signature = _content(record), record.run_id, None
-    if admission is not None and admission.protected:
-        subkey, signature = owned(record.run_id), admission.sign("record", content)
-    return subkey, {**content, "signature": signature}
+    """What this peer writes for the run's record (see :func:`_entry`)."""
+    return _entry("record", record.run_id, record, admission, _content(record))
 
 
 def presence_entry(peer_id: str, presence: PeerPresence, admission: Admission | None = None) -> tuple[str, dict]:
-    """The subkey and value of this peer's presence (as :func:`record_entry`; the signature names the peer)."""
-    content, subkey, signature = _content(presence), peer_id, None
-    if admission is not None and admission.protected:
-        subkey, signature = owned(peer_id), admission.sign("presence", {"peer": peer_id, **content})
-    return subkey, {**content, "signature": signature}
+    """What this peer writes for its presence; the signature covers the peer id too."""
+    return _entry("presence", peer_id, presence, admission, {"peer": peer_id, **_content(presence)})
 
 
 def publish_run(dht: DHT, record: RunRecord, ttl: float = RECORD_TTL, admission: Admission | None = None) -> bool:
@@ -236,9 +237,9 @@ def parse_records(raw: Any) -> dict[str, RunRecord]:
 def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: Admission) -> RunRecord | None:
     """The record a peer holding ``admission`` trains by, from every copy under ``run_id``; None when there is none.
 
-    An open peer takes an open run's copy and refuses a protected run (one with any signed copy). A protected peer takes only copies signed
-    with its run's key (the creator's, the earliest, when several are), counts every other copy as a refused
-    record, and refuses a run whose copies are all signed with another key (a wrong secret) or all unsigned (an
+    An open peer takes an open run's copy and refuses a protected run (one with any signed copy). A protected peer
+    takes only copies signed with its run's key (the creator's, the earliest, when several are), counts every other
+    copy as a refused record, and refuses a run whose copies are all signed with another key (a wrong secret) or all unsigned (an
     open run of that id)."""
     signed = [item for item in copies if item[1].signature is not None]
     unsigned = [item for item in copies if item[1].signature is None]
