@@ -513,18 +513,21 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
 
     def _average(self, group: Any, views: list[torch.Tensor], flat: torch.Tensor, round_: PlaneRound, share: float) -> None:
         """The weighted mean into ``views`` (of ``flat``): a deferred load folds the share into itself."""
-        if round_.load_scale is not None:  # the load was left to this round: fold the share into it
-            self.load_into_(views, round_.load_scale * share)
-            share = 1.0
+        share = self._fold_share(views, round_, share)
         dataplane.average_(group, views, flat, share, self.compression_name, self.codec)
+
+    def _fold_share(self, views: list[torch.Tensor], round_: PlaneRound, share: float) -> float:
+        """A load left to this round is done now with ``share`` folded in; returns the share still to apply."""
+        if round_.load_scale is None:
+            return share
+        self.load_into_(views, round_.load_scale * share)
+        return 1.0
 
     def _clipped(self, group: Any, views: list[torch.Tensor], round_: PlaneRound, shares: list[float]) -> None:
         """The clipped weighted mean (``--aggregation clipped``): the buffer holds this member's contribution times
         its share, as the all-reduce's would, then the owner of each shard bounds every member's part of it."""
-        share = shares[group.rank()]
-        if round_.load_scale is not None:  # the load was left to this round: fold the share into it
-            self.load_into_(views, round_.load_scale * share)
-        elif share != 1.0:
+        share = self._fold_share(views, round_, shares[group.rank()])
+        if share != 1.0:
             self._flat.mul_(share)
         self.clipped_outliers += dataplane.clipped_mean_(group, self._flat, shares)
 
