@@ -45,6 +45,7 @@ REFUSAL_REASONS = (
     "state",  # downloaded state whose signature does not verify
     "record",  # a run record under a protected run's id that is unsigned or whose signature does not verify
     "presence",  # a peer presence under a protected run whose signature does not verify
+    "rendezvous",  # a forged value in a data-plane store, or a data-plane connection that does not prove the key
 )
 LOG_EVERY = 60.0  # seconds between WARNING lines for the same reason and peer
 REMEMBERED = 4096  # (reason, peer) and (reason, record) pairs kept for the limits below; older ones are forgotten
@@ -121,6 +122,10 @@ class Admission:
         if self._key is None:
             return True
         return isinstance(signature, str) and hmac.compare_digest(signature, self._mac(kind.encode(), canonical(payload)).hex())
+
+    def subkey(self, purpose: str) -> bytes | None:
+        """A key for one ``purpose`` (the data plane's store, its connections), derived from the run's; None when open."""
+        return self._mac(b"subkey", purpose.encode()) if self._key is not None else None
 
     def mac(self, kind: str, *parts: bytes) -> str | None:
         """A signature over raw parts (a state's tensors); None in an open run."""

@@ -216,7 +216,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         super().__init__(parameters, **kwargs)
         # everything below exists in the training process only: the averager's process forked above
         self._store = dataplane.StoreHost(data_plane_host, self._timeout) if data_plane_host is not None else None
-        self._groups = dataplane.GroupCache(data_plane_host, self._timeout) if data_plane_host is not None else None
+        self._groups = dataplane.GroupCache(data_plane_host, self._timeout, self.admission) if data_plane_host is not None else None
         # the data plane's one thread: collectives run in order, off the training thread (hivemind's wait=False)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="data-plane") if data_plane_host is not None else None
         self._standing: tuple[Any, Any, list[PeerID]] | None = None  # (gloo group, NCCL group or None, members in rank order)

@@ -25,12 +25,20 @@ is loaded before its group is known, so it is scaled by ``share`` on the way:
   hivemind's own codec encodes them (Uniform8Bit for big tensors, fp16 for small ones) and averages them locally,
   in the same order on every member, so all members get the same result. Traffic per member: (n-1) · 1 byte per
   value, which is less than fp32's ring all-reduce for groups of up to 8.
+
+A protected run's rendezvous is authenticated (docs/security.md): TCPStore has no access control (any process that
+reaches a store's port can list, read and write its keys: ``list_keys`` is public API), and gloo's addresses in it
+are all a process needs to connect to the members. So under a run secret the rendezvous goes through a
+:class:`SealedStore` (key names hashed, values encrypted and authenticated with keys derived from the run's key), and
+once built, every pair of members proves over its own connection that it holds the run's key
+(:func:`verify_pairs`) before any tensor moves.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import os
 import socket
 from dataclasses import dataclass
@@ -38,9 +46,13 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from torch.distributed.distributed_c10d import AllgatherOptions
+
+from mesh.admission import Admission
 
 CHUNK_ELEMENTS = 2**22  # 16 MB of float32 per collective
 
@@ -121,16 +133,101 @@ class StoreHost:
         del self.store
 
 
+class SealedStore(dist.Store):
+    """A store only the holders of ``key`` can use: what gloo (and NCCL) put in it is encrypted and authenticated
+    (AES-GCM, bound to the key's name), and key names are hashed, so a process connected to the TCPStore below sees
+    opaque names and ciphertext, and anything it writes or moves between names fails to open (counted in
+    ``forged``; the build that read it fails). Counters (``add``) are not sealed: a writer can only disturb them,
+    and gloo's and NCCL's rendezvous read values, not counters."""
+
+    def __init__(self, inner: dist.Store, key: bytes) -> None:
+        super().__init__()
+        self._inner = inner
+        self._names = hmac.new(key, b"store names", hashlib.sha256).digest()
+        self._cipher = AESGCM(hmac.new(key, b"store values", hashlib.sha256).digest())
+        self.forged = 0
+
+    def _name(self, key: str) -> str:
+        return "sealed/" + hmac.new(self._names, key.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def set(self, key: str, value: bytes | str) -> None:
+        name, nonce = self._name(key), os.urandom(12)
+        plain = value.encode() if isinstance(value, str) else bytes(value)
+        self._inner.set(name, nonce + self._cipher.encrypt(nonce, plain, name.encode()))
+
+    def get(self, key: str) -> bytes:
+        name = self._name(key)
+        sealed = bytes(self._inner.get(name))
+        try:
+            return self._cipher.decrypt(sealed[:12], sealed[12:], name.encode())
+        except (InvalidTag, ValueError):
+            self.forged += 1
+            raise RuntimeError(f"data-plane rendezvous: the value of {key!r} was not written by a member of the run") from None
+
+    def wait(self, keys: list[str], *timeout: datetime.timedelta) -> None:
+        self._inner.wait([self._name(k) for k in keys], *timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._inner.check([self._name(k) for k in keys])
+
+    def add(self, key: str, amount: int) -> int:
+        return self._inner.add(self._name(key), amount)
+
+    def delete_key(self, key: str) -> bool:
+        return self._inner.delete_key(self._name(key))
+
+    def num_keys(self) -> int:
+        return self._inner.num_keys()
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        self._inner.set_timeout(timeout)
+
+
+def pair_tag(key: bytes, round_id: bytes, sender: bytes, receiver: bytes) -> bytes:
+    """What ``sender`` proves to ``receiver`` over their connection in the group formed as ``round_id``."""
+    mac = hmac.new(key, b"data-plane pair\0", hashlib.sha256)
+    for part in (round_id, sender, receiver):
+        mac.update(len(part).to_bytes(8, "big") + part)
+    return mac.digest()
+
+
+def verify_pairs(group: dist.ProcessGroup, peers: Sequence[bytes], key: bytes, round_id: bytes) -> list[int]:
+    """Every member sends every other one, point to point (over the very connection later collectives use), a tag
+    only holders of ``key`` can compute for this group, sender and receiver; returns the ranks whose tag was wrong.
+    A process that got into the group by racing a member's connection to a gloo port cannot pass it."""
+    rank = group.rank()
+    works, received = [], {}
+    for other in range(group.size()):
+        if other == rank:
+            continue
+        tag = torch.frombuffer(bytearray(pair_tag(key, round_id, peers[rank], peers[other])), dtype=torch.uint8)
+        received[other] = torch.zeros(32, dtype=torch.uint8)
+        works += [group.send([tag], other, 0), group.recv([received[other]], other, 0)]
+    for work in works:
+        work.wait()
+    return [
+        other
+        for other, got in received.items()
+        if not hmac.compare_digest(bytes(got.tolist()), pair_tag(key, round_id, peers[other], peers[rank]))
+    ]
+
+
 class GroupCache:
     """The process group of the last membership this member averaged in.
 
     A member reuses it only when every member says (``Endpoint.last_group``) that it holds the very same group:
     the decision is taken from the gathered metadata every member sees, so either all reuse or all rebuild. A
-    member whose collective failed forgets its group, so the next group it is in rebuilds."""
+    member whose collective failed forgets its group, so the next group it is in rebuilds.
 
-    def __init__(self, local_host: str, timeout: float) -> None:
+    Under a protected run's ``admission`` the rendezvous is sealed and every pair verified (see the module's
+    docstring); a build that meets a forged value or a wrong tag raises, and counts a ``rendezvous`` refusal."""
+
+    def __init__(self, local_host: str, timeout: float, admission: Admission | None = None) -> None:
         self.local_host = local_host
         self.timeout = datetime.timedelta(seconds=timeout)
+        self.admission = admission or Admission("")
+        self._store_key = self.admission.subkey("data-plane store")
+        self._pair_key = self.admission.subkey("data-plane pairs")
         self._key: tuple | None = None
         self._group: dist.ProcessGroup | None = None
         self.nccl: dist.ProcessGroup | None = None  # the same members on NCCL, when every member offers a GPU
@@ -151,21 +248,42 @@ class GroupCache:
         everyone_holds_it = all(endpoint.last_group == digest(key) for _, endpoint in ordered)
         if not (everyone_holds_it and key == self._key and self._group is not None):
             self.drop()
-            root = ordered[0][1]
-            prefix = hashlib.sha256(repr(key).encode() + round_id).hexdigest()[:32]
-            client = dist.TCPStore(root.host, root.port, is_master=False, timeout=self.timeout)
-            options = dist.ProcessGroupGloo._Options()
-            options._timeout = self.timeout
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.local_host)]
-            self._group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, client), rank, len(ordered), options)
-            if nccl_usable([endpoint for _, endpoint in ordered]):
-                nccl_error_handling()
-                nccl_options = dist.ProcessGroupNCCL.Options()
-                nccl_options._timeout = self.timeout
-                self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "/nccl", client), rank, len(ordered), nccl_options)
+            self._group, self.nccl = self._build(ordered, rank, round_id)
             self._key = key
             self.builds += 1
         return self._group, rank
+
+    def _build(
+        self, ordered: Sequence[tuple[bytes, Endpoint]], rank: int, round_id: bytes
+    ) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+        root = ordered[0][1]
+        prefix = hashlib.sha256(repr(membership(ordered)).encode() + round_id).hexdigest()[:32]
+        client: dist.Store = dist.TCPStore(root.host, root.port, is_master=False, timeout=self.timeout)
+        sealed = SealedStore(client, self._store_key) if self._store_key is not None else None
+        store = sealed if sealed is not None else client
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self.timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.local_host)]
+        try:
+            group = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, len(ordered), options)
+        except Exception:
+            if sealed is not None and sealed.forged:
+                self.admission.refuse("rendezvous", ordered[0][0].hex()[:16], detail="a forged value in the data plane's store")
+            raise
+        if self._pair_key is not None:
+            peers = [peer for peer, _ in ordered]
+            impostors = verify_pairs(group, peers, self._pair_key, round_id)
+            for bad in impostors:
+                self.admission.refuse("rendezvous", peers[bad].hex()[:16], detail="a data-plane connection without the run's key")
+            if impostors:
+                raise RuntimeError(f"data-plane rendezvous: the connections of ranks {impostors} do not hold the run's key")
+        nccl = None
+        if nccl_usable([endpoint for _, endpoint in ordered]):
+            nccl_error_handling()
+            nccl_options = dist.ProcessGroupNCCL.Options()
+            nccl_options._timeout = self.timeout
+            nccl = dist.ProcessGroupNCCL(dist.PrefixStore(prefix + "/nccl", store), rank, len(ordered), nccl_options)
+        return group, nccl
 
     def drop(self) -> None:
         self._key, self._group, self.nccl = None, None, None
