@@ -56,7 +56,7 @@ test-quick: install system-deps
 bench: install
 	$(PY) -m tests.bench.heartbeat
 	$(PY) -m tests.bench.allreduce
-	$(PY) -m tests.bench.training
+	$(PY) -m tests.bench.training --clipped
 	$(PY) -m tests.bench.diloco
 
 # On a CUDA machine (install the project into an env with a CUDA build of torch, or TORCH_SPEC=torch): a bootstrap

@@ -100,7 +100,8 @@ def _observer_ctx(dht):
 
         app[PUBLISH] = publish
         task = asyncio.create_task(
-            observer.observe_forever(dht, app[STORE], config.observe_interval, config.heartbeat_interval), name="dht-observer"
+            observer.observe_forever(dht, app[STORE], config.observe_interval, config.heartbeat_interval, config.run_secret_key),
+            name="dht-observer",
         )
         yield
         task.cancel()

@@ -8,6 +8,7 @@ Imports hivemind (and so torch): only loaded when the coordinator is given ``--j
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import datetime, timezone
 
@@ -18,7 +19,7 @@ from api.store.base import Conflict, NotFound, Store, StoreError
 from mesh.admission import Admission, coordinator_secret
 from mesh.config import NetworkConfig, RunDefaults
 from mesh.dht import start_dht
-from mesh.records import fetch_peers, fetch_runs, publish_run
+from mesh.records import PEERS_KEY, RUNS_KEY, RunRecord, listed_record, parse_peers, publish_run, record_copies
 from mesh.runs import create_record
 from mesh.tasks import load_task
 
@@ -42,9 +43,30 @@ async def _skip(store: Store, peer_id: str, presence_time: float, fresh_within: 
     return peer.source == "heartbeat" and (utcnow() - peer.last_seen).total_seconds() < fresh_within
 
 
-async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tuple[int, int]:
-    """Record the DHT's runs and live peers; returns (runs added, peers seen)."""
-    runs = await asyncio.to_thread(fetch_runs, dht)
+@functools.lru_cache(maxsize=1024)
+def _admission(run_secret_key: str, run_id: str) -> Admission:
+    """The rules of a run whose secret this coordinator hands out (kept: its refusal log limits hold across scans)."""
+    return Admission(run_id, coordinator_secret(run_secret_key, run_id))
+
+
+def read_runs(dht: DHT, run_secret_key: str | None = None) -> tuple[dict[str, RunRecord], dict[str, Admission]]:
+    """The DHT's runs, one record each, and the protected runs this coordinator could verify: with
+    ``--run-secret-key``, a run whose secret it hands out is listed by a copy signed with that secret (an outsider's
+    copies, earlier or unsigned, are passed over); a run protected with a secret of its own is listed unverified."""
+    runs, verified = {}, {}
+    for run_id, copies in record_copies(dht.get(RUNS_KEY, latest=True)).items():
+        signed = any(record.signature is not None for _, record in copies)
+        admission = _admission(run_secret_key, run_id) if run_secret_key and signed else None
+        runs[run_id], ok = listed_record(copies, admission)
+        if ok and admission is not None:
+            verified[run_id] = admission
+    return runs, verified
+
+
+async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0, run_secret_key: str | None = None) -> tuple[int, int]:
+    """Record the DHT's runs and live peers; returns (runs added, peers seen). A verified protected run's peers are
+    recorded only when their presence is signed with its key."""
+    runs, verified = await asyncio.to_thread(read_runs, dht, run_secret_key)
     added = 0
     for record in runs.values():
         try:
@@ -65,7 +87,8 @@ async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tu
                 added += 1
             except Conflict:
                 pass
-    peers = await asyncio.to_thread(fetch_peers, dht)
+    raw_peers = await asyncio.to_thread(functools.partial(dht.get, PEERS_KEY, latest=True))
+    peers = parse_peers(raw_peers, verify_with=verified.get)
     for peer_id, presence in peers.items():
         beat = Heartbeat(
             run_id=presence.run_id,
@@ -84,10 +107,10 @@ async def observe_once(dht: DHT, store: Store, fresh_within: float = 15.0) -> tu
     return added, len(peers)
 
 
-async def observe_forever(dht: DHT, store: Store, interval: float, heartbeat_interval: float) -> None:
+async def observe_forever(dht: DHT, store: Store, interval: float, heartbeat_interval: float, run_secret_key: str | None = None) -> None:
     while True:
         try:
-            added, seen = await observe_once(dht, store, fresh_within=3 * heartbeat_interval)
+            added, seen = await observe_once(dht, store, fresh_within=3 * heartbeat_interval, run_secret_key=run_secret_key)
             logger.debug("dht observed runs_added=%d peers=%d", added, seen)
         except StoreError as err:
             logger.warning("dht observation not recorded error=%s", err)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pydantic.v1 as pydantic  # hivemind's DHT schema validation speaks pydantic v1
 import torch
@@ -224,14 +224,18 @@ def _earliest(copies: list[tuple[str, RunRecord]]) -> RunRecord:
     return min(copies, key=lambda item: (item[1].created_at, item[0]))[1]
 
 
-def parse_records(raw: Any) -> dict[str, RunRecord]:
-    """One record per run (listing: the coordinator, ``mesh status``): an open run's, else a protected run's
-    earliest copy (unverified: a lister has no secret)."""
-    listed = {}
-    for run_id, copies in record_copies(raw).items():
-        open_copies = [item for item in copies if item[1].signature is None]
-        listed[run_id] = _earliest(open_copies or copies)
-    return listed
+def listed_record(copies: list[tuple[str, RunRecord]], admission: Admission | None = None) -> tuple[RunRecord, bool]:
+    """The copy a lister (the coordinator, ``mesh status``) shows for a run, and whether it is verified: the earliest
+    copy signed with ``admission``'s key when that is the run's; else an open run's earliest copy, else the earliest
+    of all (unverified: without the run's key a lister cannot tell a genuine copy from a forged one)."""
+    if admission is not None and admission.protected:
+        genuine = [
+            item for item in copies if item[1].signature is not None and admission.verify("record", _content(item[1]), item[1].signature)
+        ]
+        if genuine:
+            return _earliest(genuine), True
+    open_copies = [item for item in copies if item[1].signature is None]
+    return _earliest(open_copies or copies), False
 
 
 def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: Admission) -> RunRecord | None:
@@ -261,10 +265,6 @@ def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: A
     return None
 
 
-def fetch_runs(dht: DHT) -> dict[str, RunRecord]:
-    return parse_records(dht.get(RUNS_KEY, latest=True))
-
-
 def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0, admission: Admission | None = None) -> RunRecord | None:
     """The run's record, or None. Retries a little: a freshly joined node may not see the record at once.
     Raises RunError when the run is protected and ``admission`` cannot verify it (see :func:`choose_record`)."""
@@ -283,18 +283,27 @@ def announce_peer(dht: DHT, peer_id: str, presence: PeerPresence, ttl: float = P
     return bool(dht.store(PEERS_KEY, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl))
 
 
-def parse_peers(raw: Any, run_id: str | None = None, admission: Admission | None = None) -> dict[str, PeerPresence]:
+def parse_peers(
+    raw: Any,
+    run_id: str | None = None,
+    admission: Admission | None = None,
+    verify_with: Callable[[str], Admission | None] | None = None,
+) -> dict[str, PeerPresence]:
     """Live peers by peer id, optionally only those of one run. Under ``admission``'s protected run only those
-    whose presence is signed with the run's key (the others are counted as refused)."""
+    whose presence is signed with the run's key (the others are counted as refused); ``verify_with`` gives such an
+    admission per run id (a lister holding several runs' keys; None: the run's presences are taken as they are)."""
     peers: dict[str, PeerPresence] = {}
     for subkey, presence in _parse_subkeys(raw, PeerPresence, "peer").items():
         peer_id = owner_free(subkey)
         if run_id is not None and presence.run_id != run_id:
             continue
-        if admission is not None and admission.protected and presence.run_id == admission.run_id:
+        rules = admission if admission is not None and presence.run_id == admission.run_id else None
+        if rules is None and verify_with is not None:
+            rules = verify_with(presence.run_id)
+        if rules is not None and rules.protected:
             payload = {"peer": peer_id, **_content(presence)}
-            if not admission.verify("presence", payload, presence.signature):
-                admission.refuse("presence", peer_id, detail="its presence record is unsigned or forged", once=subkey)
+            if not rules.verify("presence", payload, presence.signature):
+                rules.refuse("presence", peer_id, detail="its presence record is unsigned or forged", once=subkey)
                 continue
         peers[peer_id] = presence
     return peers

@@ -13,7 +13,9 @@ alike in every setup:
   plane every epoch), as a user runs them. Throughput is the sum over both peers of ``mesh_peer_samples_total``
   from their ``/metrics`` over the window, after both passed epoch ``--warmup-epochs``. Alongside it, the share of
   the machine's CPU each kind of process used over the window (psutil): the trainers (the peers' main processes),
-  their helpers (DHT, averagers, libp2p daemons) and the bootstrap (with its daemon).
+  their helpers (DHT, averagers, libp2p daemons) and the bootstrap (with its daemon);
+- ``mesh_clipped`` (with ``--clipped``): the same with ``--aggregation clipped``, right after each ``mesh`` run;
+  ``clipped/mesh`` is the median of those pairs' ratios (the cost of bounding each member's contribution).
 
 DDP_eq and the mesh run ``--repeats`` times (3), alternating, and ``mesh/ddp_eq`` is the median of the back-to-back
 pairs' ratios: one 30-s window varies by about 10 % here, and the machine drifts between setups.
@@ -24,6 +26,7 @@ averaging timeout, against the healthy rate.
 
     python -m tests.bench.training                                  # every case, then the straggler
     python -m tests.bench.training --cases demo:512 --seconds 20 --no-straggler
+    python -m tests.bench.training --cases tests.bench.models:mlp25m:512 --clipped --no-straggler
     python -m tests.bench.training --json out.json
 
 Run it on a quiet machine: it uses every core, and any other load skews the ratios.
@@ -240,9 +243,9 @@ def _round_counts(mesh: "Mesh") -> dict[str, float]:
     return counts
 
 
-def run_mesh(case: dict, args) -> tuple[float, dict[str, float], dict[str, float]]:
+def run_mesh(case: dict, args, aggregation: str = "mean") -> tuple[float, dict[str, float], dict[str, float]]:
     """(global samples/s, CPU share of trainers / helpers / bootstrap, rounds in the window) of two peers."""
-    mesh = Mesh(case, args, peers=2)
+    mesh = Mesh(case, args, peers=2, extra=("--aggregation", aggregation))
     try:
         mesh.wait_epoch(args.warmup_epochs)
         rounds_before = _round_counts(mesh)
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (plain, DDP)")
     parser.add_argument("--warmup-epochs", type=int, default=3, help="mesh: epochs before the window")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clipped", action="store_true", help="also the mesh with --aggregation clipped, after each mesh run")
     parser.add_argument("--straggler", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--straggler-target", type=int, default=512)
     parser.add_argument("--stop-seconds", type=float, default=45.0)
@@ -322,13 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         ddp_step = run_ddp(case, args, seconds_per_batch, equal_batch=False)
         # the fair pair, alternated: a single 30-s window of one setup varies by about 10 % on this machine, and
         # the machine drifts between setups; the ratio of each back-to-back pair, then the median of the pairs
-        pairs, cpus, windows = [], [], []
+        pairs, cpus, windows, clipped = [], [], [], []
         for _ in range(args.repeats):
             ddp_eq = run_ddp(case, args, seconds_per_batch, equal_batch=True)
             mesh, cpu, rounds = run_mesh(case, args)
             pairs.append((ddp_eq, mesh))
             cpus.append(cpu)
             windows.append(rounds)
+            if args.clipped:  # --aggregation clipped right after the plain mean it is compared with
+                clipped.append(run_mesh(case, args, "clipped")[0])
         pair_ratios = [mesh / ddp_eq for ddp_eq, mesh in pairs]
         results = {
             "plain": plain,
@@ -342,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             "ddp_eq/plain": results["ddp_eq"] / results["plain"],
             "mesh/ddp_step": results["mesh"] / results["ddp_step"],
         }
+        if clipped:
+            results["mesh_clipped"] = statistics.median(clipped)
+            ratios["clipped/mesh"] = statistics.median(c / mesh for c, (_, mesh) in zip(clipped, pairs))
         cpu = {kind: statistics.median(c[kind] for c in cpus) for kind in cpus[0]}
         report["cases"][case["name"]] = {
             "samples_per_second": results,

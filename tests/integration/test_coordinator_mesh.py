@@ -55,7 +55,8 @@ def coordinator(mesh_procs, bootstrap: str, tmp_path: Path) -> str:
 def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_path: Path) -> None:
     api = coordinator + "/api/v1"
 
-    extra = ("--min-peers", "2", "--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL))
+    # clipped aggregation: a run setting the status page shows (and two honest peers train with it)
+    extra = ("--min-peers", "2", "--coordinator", coordinator, "--heartbeat-interval", str(INTERVAL), "--aggregation", "clipped")
     metrics_port = free_port()
     peers = [
         mesh_procs(n, *_no_join(peer_args("", n, tmp_path, *extra, *(("--metrics-port", str(metrics_port)) if n == "a" else ()))))
@@ -68,7 +69,9 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
     history = get(f"{api}/runs/test/history")["items"]
     assert [p["epoch"] for p in history] == sorted({p["epoch"] for p in history}) and history[-1]["loss"] is not None
 
-    _screenshot_status_page(coordinator)
+    hyperparameters = get(f"{api}/runs/test")["hyperparameters"]
+    assert hyperparameters["aggregation"] == "clipped"
+    _screenshot_status_page(coordinator, {"aggregation": "clipped", "lr": str(hyperparameters["lr"])})
 
     # metrics: valid exposition format, and they moved as they should after averaging rounds
     peer_metrics = promtool_check_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
@@ -112,8 +115,9 @@ def _no_join(args: list[str]) -> list[str]:
     return out
 
 
-def _screenshot_status_page(coordinator: str) -> None:
-    """Headless Chromium renders the status page of the live mesh: peers and a loss chart, no console errors."""
+def _screenshot_status_page(coordinator: str, params: dict[str, str]) -> None:
+    """Headless Chromium renders the status page of the live mesh: peers and a loss chart, the selected run's
+    settings as the API gives them (``params``: row name -> text), no console errors."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed: the test set-up (make test) installs it")
@@ -138,6 +142,8 @@ def _screenshot_status_page(coordinator: str) -> None:
         html = dom.stdout
         assert 'id="loss-chart"' in html and 'class="series"' in html, "no loss chart drawn"
         assert html.count("<tr") >= 3, "runs and peers tables are empty"
+        shown = dict(re.findall(r"<dt>([^<]*)</dt><dd>([^<]*)</dd>", html))
+        assert {name: shown.get(name) for name in params} == params, shown
         logged = subprocess.run(
             [chromium, *flags, "--enable-logging=stderr", "--v=0", f"--screenshot={ARTIFACTS / 'status-page.png'}", coordinator + "/"],
             capture_output=True,

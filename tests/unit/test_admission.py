@@ -15,7 +15,7 @@ from mesh.admission import REFUSAL_REASONS, REMEMBERED, Admission
 from mesh.admitted import state_mac
 from mesh.config import ConfigError, PeerConfig, UpConfig, describe
 from mesh.errors import RunError
-from mesh.records import OWNER_MARK, PeerPresence, RunRecord, choose_record, make_record, owned, owner_free, parse_peers
+from mesh.records import OWNER_MARK, PeerPresence, RunRecord, choose_record, listed_record, make_record, owned, owner_free, parse_peers
 from tests.unit.test_records import HYPER, _Item
 
 SECRET = "a-secret-of-at-least-16"
@@ -117,6 +117,34 @@ def test_a_forged_presence_is_dropped_under_a_protected_run() -> None:
     assert list(parse_peers(raw, "run", admission)) == ["peer-a"]
     assert admission.refusals()["presence"] == 2
     assert sorted(parse_peers(raw, None, Admission("run"))) == ["peer-a", "peer-b", "peer-c", "peer-d"]  # a lister
+
+
+def test_a_coordinator_with_the_run_secret_key_lists_the_genuine_copy_and_only_signed_presences() -> None:
+    """``mesh api --run-secret-key``: the runs whose secret it hands out are verified before they are listed."""
+    from api.observer import _admission
+    from mesh.admission import coordinator_secret
+
+    key = "the-coordinators-key-16"
+    admission = _admission(key, "run")
+    assert admission is _admission(key, "run")  # one per run: its refusal log limits hold across scans
+    assert admission.verify("x", {}, Admission("run", coordinator_secret(key, "run")).sign("x", {}))
+    genuine = _copy(admission, created_at=2.0)
+    forged = _copy(Admission("run", "the-attackers-secret"), created_at=1.0, owner="[owner:k3]", lr=1e6)
+    unsigned = _copy(None, created_at=0.5, lr=1e6)
+    assert listed_record([forged, unsigned, genuine], admission) == (genuine[1], True)
+    # without the key (or for a run protected with a secret of its own) nothing can be told apart
+    assert listed_record([forged, unsigned, genuine]) == (unsigned[1], False)
+    assert listed_record([forged, genuine], Admission("run", "a-secret-of-its-own-16")) == (forged[1], False)
+    good = PeerPresence(run_id="run", epoch=3, samples_per_second=1.0, time=1.0)
+    content = good.dict(exclude={"signature"})
+    raw = _Item(
+        {
+            "peer-a[owner:k1]": _Item({**content, "signature": admission.sign("presence", {"peer": "peer-a", **content})}),
+            "peer-b": _Item(content),  # unsigned, under the verified run
+            "peer-c": _Item({**content, "run_id": "open-run"}),  # another run, not verified: taken as it is
+        }
+    )
+    assert sorted(parse_peers(raw, verify_with={"run": admission}.get)) == ["peer-a", "peer-c"]
 
 
 def test_owned_subkeys_name_this_process_key_and_storing_nodes_refuse_anyone_else_writing_them() -> None:

@@ -9,7 +9,7 @@ from hivemind.dht.crypto import DHTRecord
 from hivemind.dht.routing import DHTID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from mesh.records import RUN_RECORD_VALIDATOR, RUNS_KEY, RunRecord, fingerprint, make_record, parse_records
+from mesh.records import RUN_RECORD_VALIDATOR, RUNS_KEY, RunRecord, fingerprint, make_record, record_copies
 
 HYPER = dict(
     batch_size=16,
@@ -88,15 +88,15 @@ class _Item:
         self.value = value
 
 
-def test_parse_records_drops_and_counts_invalid_entries() -> None:
+def test_record_copies_drops_and_counts_invalid_entries() -> None:
     import mesh.records as records
 
     before = records.invalid_records_dropped
     raw = _Item({"run-1": _Item(_record().dict()), "run-2": _Item({"junk": True}), "other": _Item(_record().dict())})
-    parsed = parse_records(raw)
-    assert list(parsed) == ["run-1"]  # "other" holds run-1's record under the wrong subkey
+    parsed = record_copies(raw)
+    assert list(parsed) == ["run-1"] and [subkey for subkey, _ in parsed["run-1"]] == ["run-1"]  # "other": wrong subkey
     assert records.invalid_records_dropped == before + 2
-    assert parse_records(None) == {}
+    assert record_copies(None) == {}
 
 
 def test_fingerprint_depends_on_shapes_not_values() -> None:
