@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast, get_args
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from api.errors import InvalidParameter
 from api.keys import ADVANCE_LOCK, BOOTSTRAP_CACHE, CONFIG, PUBLISH, RUN_CACHE, STORE
@@ -26,6 +26,7 @@ from api.models import (
     HeartbeatResponse,
     HistoryList,
     HistoryPoint,
+    Hyperparameters,
     PeerPage,
     PeerStatus,
     Run,
@@ -290,7 +291,14 @@ async def _run_for_heartbeat(request: web.Request, store: Store, beat: Heartbeat
         cache[beat.run_id] = (time.monotonic() + RUN_CACHE_SECONDS, run)
         return run
     except NotFound:
-        run = Run(run_id=beat.run_id, task=beat.task or "unknown", status="running", created_at=now, updated_at=now)
+        run = Run(
+            run_id=beat.run_id,
+            task=beat.task or "unknown",
+            hyperparameters=_reported_hyperparameters(beat),
+            status="running",
+            created_at=now,
+            updated_at=now,
+        )
         from api.store.base import Conflict
 
         try:
@@ -299,6 +307,16 @@ async def _run_for_heartbeat(request: web.Request, store: Store, beat: Heartbeat
             return await store.get_run(beat.run_id)
         await record_event(store, "run_discovered", f"run {beat.run_id} first seen through a peer's heartbeat", beat.run_id)
         return run
+
+
+def _reported_hyperparameters(beat: Heartbeat) -> Hyperparameters:
+    """The settings a peer reported for its run; the defaults when it reported none or some outside this API's
+    bounds (a heartbeat is never refused for its run's settings)."""
+    try:
+        return Hyperparameters(**(beat.hyperparameters or {}))
+    except (ValidationError, TypeError) as err:
+        logger.warning("run %s recorded with default hyperparameters: the reported ones do not fit (%s)", beat.run_id, err)
+        return Hyperparameters()
 
 
 async def _advance_run(store: Store, run: Run, beat: Heartbeat, now: datetime) -> Run:

@@ -7,7 +7,7 @@ Times are timezone-aware UTC datetimes (ISO 8601 in JSON).
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -111,6 +111,12 @@ class Heartbeat(Strict):
     epoch: int = Field(0, ge=0)
     samples_per_second: float = Field(0.0, ge=0)
     loss: float | None = None
+    hyperparameters: dict[str, Any] | None = Field(
+        None,
+        max_length=64,
+        description="The run's settings (as in Hyperparameters), so a run first seen here is recorded with them; "
+        "settings outside this API's bounds are recorded as the defaults, never refused",
+    )
 
 
 class Peer(Strict):

@@ -231,6 +231,9 @@ class GroupCache:
         self._key: tuple | None = None
         self._group: dist.ProcessGroup | None = None
         self.nccl: dist.ProcessGroup | None = None  # the same members on NCCL, when every member offers a GPU
+        # the group's store, held while the group lives: NCCL reads it at its first collective, and a store written
+        # in Python (SealedStore) lives only as long as a Python reference to it does
+        self._store: dist.Store | None = None
         self.builds = 0
 
     @property
@@ -260,7 +263,7 @@ class GroupCache:
         prefix = hashlib.sha256(repr(membership(ordered)).encode() + round_id).hexdigest()[:32]
         client: dist.Store = dist.TCPStore(root.host, root.port, is_master=False, timeout=self.timeout)
         sealed = SealedStore(client, self._store_key) if self._store_key is not None else None
-        store = sealed if sealed is not None else client
+        store = self._store = sealed if sealed is not None else client
         options = dist.ProcessGroupGloo._Options()
         options._timeout = self.timeout
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.local_host)]
@@ -286,7 +289,7 @@ class GroupCache:
         return group, nccl
 
     def drop(self) -> None:
-        self._key, self._group, self.nccl = None, None, None
+        self._key, self._group, self.nccl, self._store = None, None, None, None
 
 
 def flat_views(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

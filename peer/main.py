@@ -166,25 +166,28 @@ def run(config: PeerConfig) -> int:
     return exit_code
 
 
+# the run settings a coordinator's run carries (api.models.Hyperparameters), read from it and reported to it
+HYPERPARAMETERS = (
+    "batch_size",
+    "target_batch_size",
+    "optimizer",
+    "lr",
+    "averaging",
+    "compression",
+    "aggregation",
+    "matchmaking_time",
+    "averaging_timeout",
+    "average_state_every",
+    "inner_steps",
+    "outer_lr",
+    "outer_momentum",
+    "seed",
+)
+
+
 def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
-    names = (
-        "batch_size",
-        "target_batch_size",
-        "optimizer",
-        "lr",
-        "averaging",
-        "compression",
-        "aggregation",
-        "matchmaking_time",
-        "averaging_timeout",
-        "average_state_every",
-        "inner_steps",
-        "outer_lr",
-        "outer_momentum",
-        "seed",
-    )
-    return {name: hyper[name] for name in names if hyper.get(name) is not None}  # None: the task's default
+    return {name: hyper[name] for name in HYPERPARAMETERS if hyper.get(name) is not None}  # None: the task's default
 
 
 def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
@@ -199,6 +202,7 @@ def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
         "epoch": int(p.epoch),
         "samples_per_second": float(p.global_samples_per_second),
         "loss": None if p.loss != p.loss else float(p.loss),
+        "hyperparameters": {name: getattr(trainer.record, name) for name in HYPERPARAMETERS},  # a run first seen there
     }
 
 

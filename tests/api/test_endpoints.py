@@ -182,11 +182,18 @@ async def test_heartbeat_upserts_and_advances_history(client: TestClient) -> Non
     assert (await (await client.get(f"/api/v1/peers/{PEER}")).json())["host"] == "box"
 
 
-async def test_heartbeat_for_a_run_created_in_the_dht_records_it(client: TestClient) -> None:
-    body = {**beat("dht-run"), "task": "demo"}
+async def test_heartbeat_for_a_run_created_in_the_dht_records_it_with_the_reported_settings(client: TestClient) -> None:
+    hyper = {"lr": 0.05, "target_batch_size": 4096, "aggregation": "clipped", "optimizer": "adamw", "seed": 7}
+    body = {**beat("dht-run"), "task": "demo", "hyperparameters": hyper}
     assert (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=body)).status == 200
     run = await (await client.get("/api/v1/runs/dht-run")).json()
     assert run["task"] == "demo" and run["status"] == "running"
+    assert {name: run["hyperparameters"][name] for name in hyper} == hyper
+    # settings outside the API's bounds (an lr above 10) never cost the heartbeat: the run gets the defaults
+    odd = {**beat("odd-run"), "task": "demo", "hyperparameters": {"lr": 50.0}}
+    assert (await client.put(f"/api/v1/peers/{PEER}/heartbeat", json=odd)).status == 200
+    run = await (await client.get("/api/v1/runs/odd-run")).json()
+    assert run["hyperparameters"]["lr"] is None and run["hyperparameters"]["aggregation"] == "mean"
 
 
 async def test_stop_reaches_peers_through_their_heartbeat_and_leave(client: TestClient) -> None:
