@@ -18,7 +18,8 @@ install: $(VENV)/.installed
 # Debian packages the tests use: a real browser for the status page test, promtool (package prometheus) for the
 # Prometheus config, alert rules and dashboard queries in docker/, podman (with runc and uidmap) and debootstrap to
 # build and run the images (tests/containers), netavark and aardvark-dns for the compose test's bridge network with
-# DNS between containers (Debian's podman does not depend on them). kubectl, for `kubectl kustomize`, comes with the
+# DNS between containers (Debian's podman does not depend on them), and iptables, which netavark runs to set up that
+# network (without it every container of the stack stays "Created": "netavark: No such file or directory"). kubectl, for `kubectl kustomize`, comes with the
 # machine image.
 system-deps:
 	@missing=""; \
@@ -30,6 +31,7 @@ system-deps:
 	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
 	test -x /usr/lib/podman/netavark || missing="$$missing netavark"; \
 	test -x /usr/lib/podman/aardvark-dns || missing="$$missing aardvark-dns"; \
+	command -v iptables >/dev/null 2>&1 || test -x /usr/sbin/iptables || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

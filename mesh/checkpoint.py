@@ -54,7 +54,8 @@ def load(directory: Path) -> dict[str, Any] | None:
     if not target.exists():
         return None
     try:
-        state = torch.load(target, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere must not run code (plain containers, tensors and numbers only)
+        state = torch.load(target, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"it holds a {type(state).__name__}, not a checkpoint")
         return state

@@ -28,6 +28,7 @@ from hivemind.compression import Float16Compression, NoCompression, SizeAdaptive
 from mesh import atomicfile, checkpoint, epochplan, metrics
 from mesh.admission import Admission
 from mesh.averager import MeshGradientAverager, MeshStateAverager, parameter_digest
+from mesh.data import Batches
 from mesh.diloco import PseudoGradientAverager, outer_optimizer_factory, outer_statistics
 from mesh.errors import ConfigError, RunError
 from mesh.planeround import PlaneRound
@@ -404,7 +405,7 @@ class Trainer:
                 f"task {task.name!r} builds a model with fingerprint {fingerprint(self.model)}, but run {record.run_id!r} "
                 f"expects {record.fingerprint}; join with the run's task and settings"
             )
-        self.batches = task.make_batches(record.batch_size, peer_seed)
+        self.batches = Batches(task.make_batches(record.batch_size, peer_seed), task.name)
         compression = make_compression(record.compression)
         diloco = record.averaging == "diloco"
         task_optimizer = make_optimizer_factory(record.optimizer, record.lr)
@@ -502,6 +503,8 @@ class Trainer:
         self.opt.set_optimized_parameters(outer if outer is not None else [p.detach() for p in self.model.parameters()])
         if outer is not None:  # that copied the outer parameters into the model, whose own had moved on from them
             self.model.load_state_dict(state["model"])
+        if isinstance(state.get("data"), dict):
+            self.batches.load_state_dict(state["data"])
         self.progress.epoch = self.opt.local_epoch
         logger.info("resumed from checkpoint dir=%s epoch=%d", self.checkpoint_dir, self.opt.local_epoch)
 
@@ -515,6 +518,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.opt.state_dict(),
             "progress": self.progress.snapshot(),
+            "data": self.batches.state_dict(),  # where this peer's data is: a restart goes on from there
         }
         if self.inner_opt is not None:  # DiLoCo: the outer parameters (the optimizer's) and the inner optimizer
             state["outer_parameters"] = [param.detach().cpu().clone() for param in self.opt.optimized_parameters]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -22,8 +22,9 @@ class Task:
     """Short name, recorded in the run's config."""
     make_model: Callable[[], torch.nn.Module]
     """Builds a freshly initialised model (called under a fixed seed)."""
-    make_batches: Callable[[int, int], Iterator[Batch]]
-    """``(batch_size, seed) -> endless iterator of batches``."""
+    make_batches: Callable[[int, int], Iterator[Batch] | Iterable[Batch]]
+    """``(batch_size, seed) ->`` batches: an endless iterator, or an iterable (a ``DataLoader``, a list) that the
+    trainer iterates again every pass, calling ``set_epoch`` on it or its sampler first (mesh/data.py)."""
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]
     """``(model, batch) -> scalar loss`` (the trainer calls ``.backward()`` on it)."""
     description: str = ""

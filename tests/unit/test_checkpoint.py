@@ -56,6 +56,24 @@ def test_checkpoint_holding_something_else_is_unreadable(tmp_path: Path) -> None
         checkpoint.load(tmp_path)
 
 
+class _RunsCode:
+    """A pickle that runs code when loaded (what a checkpoint from elsewhere could hold)."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(MARKER_DIR[0]) / "code-ran",))
+
+
+MARKER_DIR: list[str] = []
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path: Path) -> None:
+    MARKER_DIR[:] = [str(tmp_path)]
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 1, "payload": _RunsCode()}, tmp_path / checkpoint.FILENAME)
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="cannot be read"):
+        checkpoint.load(tmp_path)
+    assert not (tmp_path / "code-ran").exists()
+
+
 def test_unwritable_directory_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
