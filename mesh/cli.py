@@ -62,7 +62,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if hint is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="ADDR", help=help_text + " (repeatable)")
+            metavar = "KEY=VALUE" if f.name == "task_arg" else "ADDR"
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar=metavar, help=help_text + " (repeatable)")
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

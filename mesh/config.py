@@ -27,6 +27,7 @@ from mesh.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "MESH_"
+ADDITIVE_FIELDS = ("task_arg",)  # a flag adds to (and overrides keys of) the file's entries instead of replacing them
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -209,6 +210,10 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     joins the active run that most needs peers."""
     task: str | None = None
     """Built-in task name (regression, demo) or module:function; read from the run's record when unset."""
+    task_arg: tuple[str, ...] = ()
+    """KEY=VALUE passed to the task function as a keyword argument (VALUE read as JSON when it parses: 4, 0.1,
+    true, "x"; else as text), checked against its signature; a config file's [task] table holds them too, and a
+    flag wins over the file's entry of the same key."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N (several peers on one host, one GPU each)."""
     data_plane: str = "gloo"
@@ -287,6 +292,8 @@ class UpConfig(RunDefaults, LogConfig):
     """Number of local peers."""
     task: str = "demo"
     """Task the local peers train."""
+    task_arg: tuple[str, ...] = ()
+    """KEY=VALUE for the task function, passed to every local peer (as mesh peer --task-arg)."""
     run: str = "local"
     """Run id of the local mesh."""
     max_epochs: int | None = None
@@ -452,8 +459,13 @@ def load_file(path: Path | None, section: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'TOML'}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
-    sections = {"bootstrap", "peer", "up", "doctor", "api", "status"}
+    sections = {"bootstrap", "peer", "up", "doctor", "api", "status", "task"}
     merged = {k.replace("-", "_"): v for k, v in data.items() if k not in sections}
+    task_table = data.get("task")
+    if isinstance(task_table, dict) and section in ("peer", "up"):  # the task function's keyword arguments
+        merged["task_arg"] = tuple(f"{key}={json.dumps(value)}" for key, value in task_table.items())
+    elif "task" in data and not isinstance(task_table, dict):
+        merged["task"] = task_table
     table = data.get(section) or {}
     if not isinstance(table, dict):
         raise ConfigError(f"[{section}] in config file {path} must be a table of settings")
@@ -479,13 +491,30 @@ def resolve(
         hint = _field_type(cls, f.name)
         flag = flags.get(f.name)
         env_name = ENV_PREFIX + f.name.upper()
-        if flag is not None and flag != ():
+        if f.name in ADDITIVE_FIELDS and flag and f.name in file:
+            values[f.name] = _coerce(file[f.name], hint, f"{f.name} in the config file") + _coerce(flag, hint, f.name)
+        elif flag is not None and flag != ():
             values[f.name] = _coerce(flag, hint, "--" + f.name.replace("_", "-"))
         elif env.get(env_name) not in (None, ""):
             values[f.name] = _coerce(env[env_name], hint, env_name)
         elif f.name in file:
             values[f.name] = _coerce(file[f.name], hint, f"{f.name} in the config file")
     return cls(**values)
+
+
+def parse_task_args(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--task-arg KEY=VALUE`` items as keyword arguments (a later item wins); VALUE as JSON when it parses."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--task-arg must be KEY=VALUE with KEY a Python name, got {item!r}")
+        try:
+            args[key] = json.loads(text)
+        except ValueError:
+            args[key] = text
+    return args
 
 
 def describe(config: Any) -> str:

@@ -115,6 +115,7 @@ def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: 
         config.run,
         "--task",
         config.task,
+        *(arg for item in config.task_arg for arg in ("--task-arg", item)),
         "--host",
         "127.0.0.1",
         "--port",

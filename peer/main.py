@@ -14,7 +14,7 @@ import torch
 
 from mesh import checkpoint, httpserve, lifecycle, logs, metrics
 from mesh.admission import Admission
-from mesh.config import PeerConfig, describe
+from mesh.config import PeerConfig, describe, parse_task_args
 from mesh.coordinator_client import Coordinator
 from mesh.dht import check_port_free, data_plane_host, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
@@ -33,7 +33,8 @@ def run(config: PeerConfig) -> int:
     metrics.init_build_info("peer")
 
     # cheap checks first, so a typo costs no DHT start-up
-    task = load_task(config.task) if config.task else None
+    task_args = parse_task_args(config.task_arg)
+    task = load_task(config.task, task_args) if config.task else None
     if config.checkpoint_dir is not None:
         checkpoint.ensure_writable(config.checkpoint_dir)
     device = pick_device(config.device)
@@ -70,7 +71,7 @@ def run(config: PeerConfig) -> int:
         # a run created through the coordinator's API: this peer can create its DHT record from it
         task_spec = coordinator_run["task"]
         config = dataclasses.replace(config, task=task_spec, **_hyperparameters(coordinator_run))
-        task = load_task(task_spec)
+        task = load_task(task_spec, task_args)
 
     admission = Admission(config.run, config.run_secret)  # before any helper process forks: they count refusals
     dht = start_dht(config)
@@ -84,7 +85,7 @@ def run(config: PeerConfig) -> int:
         announce_peer(dht, str(dht.peer_id), starting_presence(record.run_id, str(device)), admission=admission)
         if record.aggregation == "clipped" and config.data_plane == "hivemind":
             raise ConfigError(f"run {record.run_id!r} aggregates with clipping, which needs the data plane: drop --data-plane hivemind")
-        task = task or load_task(record.task)
+        task = task or load_task(record.task, task_args)
         trainer = Trainer(
             dht,
             record,

@@ -4,12 +4,18 @@ It ships inside the package, so it works from anywhere; your own module works th
 
     mesh peer --task mesh.examples.user_task:make_task
 
-A task is a ``mesh.tasks.Task`` returned by a function called with no arguments. It needs:
+A task is a ``mesh.tasks.Task`` returned by a function; its keyword arguments come from ``--task-arg KEY=VALUE``
+(or a ``[task]`` table in the config file), checked against its signature::
+
+    mesh peer --task mesh.examples.user_task:make_task --task-arg hidden=32
+
+It needs:
 
 - ``make_model()``: a fresh ``torch.nn.Module``; the trainer calls it under ``torch.manual_seed(run_seed)`` so every
   peer starts from the same weights, so draw initial weights from the global RNG (as ``torch.nn`` layers do).
-- ``make_batches(batch_size, seed)``: an endless iterator of batches (a tensor, or a tuple/list/dict of tensors);
-  each peer passes its own seed, so use a ``torch.Generator`` seeded with it, not the global RNG.
+- ``make_batches(batch_size, seed)``: batches (a tensor, or a tuple/list/dict of tensors), as an endless iterator
+  or an iterable such as a ``DataLoader`` (iterated again every pass); each peer passes its own seed, so use a
+  ``torch.Generator`` seeded with it, not the global RNG.
 - ``loss(model, batch)``: a scalar tensor; the trainer calls ``.backward()`` on it.
 - ``defaults`` (optional): ``optimizer``, ``lr``, ``batch_size``, ``target_batch_size`` used when the run is
   created without them.
@@ -52,12 +58,23 @@ def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> to
     return F.cross_entropy(model(x), y)
 
 
-def make_task() -> Task:
+def make_task(hidden: int = 0) -> Task:
+    """``hidden``: the width of one hidden ReLU layer (0: the linear classifier). A different width is another
+    model (another fingerprint), so every peer of a run passes the same one."""
+    if hidden < 0:
+        raise ValueError(f"hidden must be >= 0, got {hidden}")
+
+    def model() -> torch.nn.Module:
+        if not hidden:
+            return make_model()
+        return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, N_CLASSES))
+
+    shape = f"one hidden layer of {hidden}" if hidden else "linear"
     return Task(
         name="example-linear-classifier",
-        make_model=make_model,
+        make_model=model,
         make_batches=make_batches,
         loss=loss,
-        description=f"linear classifier, {N_FEATURES} features -> {N_CLASSES} classes, synthetic separable data",
+        description=f"{shape} classifier, {N_FEATURES} features -> {N_CLASSES} classes, synthetic separable data",
         defaults={"optimizer": "sgd", "lr": 0.5, "batch_size": 32, "target_batch_size": 128},
     )

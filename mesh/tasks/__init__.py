@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from mesh.errors import ConfigError
 from mesh.tasks.base import Batch, Task
@@ -17,11 +18,15 @@ __all__ = ["BUILTIN_TASKS", "Batch", "Task", "load_task"]
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {"regression": regression_task, "demo": charlm_task}
 
 
-def load_task(spec: str) -> Task:
-    """Resolve ``--task``: a built-in name (``demo``) or ``module:function`` / ``module:TASK`` for a user task."""
+def load_task(spec: str, args: Mapping[str, Any] | None = None) -> Task:
+    """Resolve ``--task``: a built-in name (``demo``) or ``module:function`` / ``module:TASK`` for a user task,
+    called with ``args`` (``--task-arg``) as keyword arguments."""
+    args = dict(args or {})
     if ":" in spec:
-        return _load_user_task(spec)
+        return _load_user_task(spec, args)
     if spec in BUILTIN_TASKS:
+        if args:
+            raise ConfigError(f"built-in task {spec!r} takes no --task-arg (got {', '.join(sorted(args))})")
         return BUILTIN_TASKS[spec]()
     raise ConfigError(
         f"unknown task {spec!r}: built-ins are {', '.join(sorted(BUILTIN_TASKS))}; "
@@ -29,7 +34,20 @@ def load_task(spec: str) -> Task:
     )
 
 
-def _load_user_task(spec: str) -> Task:
+def _check_arguments(spec: str, function: Callable, args: dict[str, Any]) -> None:
+    """One line when ``args`` do not fit the task function's signature (unknown names, required ones missing)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin or C function: let the call say
+        return
+    try:
+        signature.bind(**args)
+    except TypeError as err:
+        takes = ", ".join(name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        raise ConfigError(f"task {spec}: {err} (--task-arg; it takes: {takes or 'no arguments'})") from None
+
+
+def _load_user_task(spec: str, args: dict[str, Any]) -> Task:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise ConfigError(f"task {spec!r} must look like module:function (e.g. mesh.examples.user_task:make_task)")
@@ -41,11 +59,14 @@ def _load_user_task(spec: str) -> Task:
         raise ConfigError(f"task module {module_name!r} ({where}) has no attribute {attr!r}")
     obj = getattr(module, attr)
     if isinstance(obj, Task):
+        if args:
+            raise ConfigError(f"task {spec} is a Task, not a function: it takes no --task-arg (got {', '.join(sorted(args))})")
         return obj
     if not callable(obj):
         raise ConfigError(f"task {spec} is a {type(obj).__name__}, not a Task or a function returning one")
+    _check_arguments(spec, obj, args)
     try:
-        task = obj()
+        task = obj(**args)
     except Exception as exc:  # the user's code: report it on one line instead of a traceback
         raise ConfigError(f"task {spec}() raised {_one_line(exc)}") from exc
     if not isinstance(task, Task):

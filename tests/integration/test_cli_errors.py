@@ -103,6 +103,13 @@ def test_unknown_task_name() -> None:
     assert_one_line_error(result, 2, "resnet9000")
 
 
+def test_task_argument_the_task_does_not_take() -> None:
+    result = mesh("peer", "--run", "r", "--task", "mesh.examples.user_task:make_task", "--task-arg", "depth=3")
+    assert_one_line_error(result, 2, "unexpected keyword argument 'depth'", "it takes: hidden")
+    result = mesh("peer", "--run", "r", "--task", "demo", "--task-arg", "no-equals-sign")
+    assert_one_line_error(result, 2, "--task-arg must be KEY=VALUE")
+
+
 def test_invalid_flag_value() -> None:
     result = mesh("peer", "--run", "r", "--compression", "zip")
     assert_one_line_error(result, 2, "--compression must be one of none, fp16, 8bit")

@@ -84,6 +84,23 @@ def test_config_file_toml_sections_and_unknown_keys(tmp_path: Path) -> None:
         resolve(PeerConfig, {}, env={}, file=load_file(path, "peer"))
 
 
+def test_a_config_files_task_table_holds_the_task_arguments_and_flags_add_to_it(tmp_path: Path, monkeypatch) -> None:
+    from mesh.config import parse_task_args
+
+    path = tmp_path / "mesh.toml"
+    path.write_text('[peer]\nrun = "r"\ntask = "mesh.examples.user_task:make_task"\n[task]\nhidden = 32\nname = "wide"\n')
+    config = resolve(PeerConfig, {}, env={}, file=load_file(path, "peer"))
+    assert config.task == "mesh.examples.user_task:make_task"
+    assert parse_task_args(config.task_arg) == {"hidden": 32, "name": "wide"}
+    flagged = resolve(PeerConfig, {"task_arg": ("hidden=8", "extra=true")}, env={}, file=load_file(path, "peer"))
+    assert parse_task_args(flagged.task_arg) == {"hidden": 8, "name": "wide", "extra": True}  # a flag wins per key
+    up = resolve(UpConfig, {}, env={}, file=load_file(path, "up"))
+    assert parse_task_args(up.task_arg) == {"hidden": 32, "name": "wide"}  # mesh up passes them to its peers
+    monkeypatch.delenv("MESH_CONFIG", raising=False)
+    args = build_parser().parse_args(["peer", "--run", "r", "--task-arg", "hidden=4", "--task-arg", "x=y"])
+    assert load_config("peer", args).task_arg == ("hidden=4", "x=y")
+
+
 def test_config_file_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_file(tmp_path / "missing.toml", "peer")

@@ -186,6 +186,30 @@ def test_load_task_example_user_task() -> None:
     assert task.defaults["optimizer"] == "sgd"
 
 
+def test_task_arguments_reach_the_task_function_and_are_checked_against_its_signature() -> None:
+    from mesh.config import parse_task_args
+
+    args = parse_task_args(("hidden=32", "note=plain text", "hidden=16"))  # JSON when it parses; the last one wins
+    assert args == {"hidden": 16, "note": "plain text"}
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'note'.*it takes: hidden"):
+        load_task(EXAMPLE_SPEC, args)
+    wide = load_task(EXAMPLE_SPEC, {"hidden": 16})
+    assert [p.shape for p in _build(wide, 0).parameters()] == [(16, 8), (16,), (3, 16), (3,)]
+    assert [p.shape for p in _build(load_task(EXAMPLE_SPEC), 0).parameters()] == [(3, 8), (3,)]
+    assert "ValueError: hidden must be >= 0" in _config_error_with(EXAMPLE_SPEC, {"hidden": -1})
+    with pytest.raises(ConfigError, match="built-in task 'demo' takes no --task-arg"):
+        load_task("demo", {"hidden": 1})
+    for bad in ("hidden", "=3", "not a name=1"):
+        with pytest.raises(ConfigError, match="--task-arg must be KEY=VALUE"):
+            parse_task_args((bad,))
+
+
+def _config_error_with(spec: str, args: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_task(spec, args)
+    return str(caught.value)
+
+
 def test_load_task_accepts_a_task_instance_attribute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = "from mesh.tasks import load_task\nTASK = load_task('regression')\n"
     _write_module(tmp_path, "mesh_test_task_instance", source)
