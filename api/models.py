@@ -20,6 +20,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Compression = Literal["none", "fp16", "8bit"]
 Averaging = Literal["gradients", "local", "diloco"]
 Aggregation = Literal["mean", "clipped"]
+LrSchedule = Literal["constant", "linear", "cosine"]
 
 
 def utcnow() -> datetime:
@@ -41,6 +42,11 @@ class Hyperparameters(Strict):
     )
     optimizer: Optimizer | None = Field(None, description="null: the task's default")
     lr: float | None = Field(None, gt=0, le=10, description="null: the task's default")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="Weight decay of the built-in optimizers")
+    lr_schedule: LrSchedule = Field("constant", description="constant, linear or cosine, by global epoch, after the warm-up")
+    warmup_epochs: int = Field(0, ge=0, le=1_000_000, description="Epochs of linear warm-up to lr")
+    total_epochs: int | None = Field(None, ge=1, le=1_000_000_000, description="Where linear and cosine reach 0")
+    clip_grad_norm: float | None = Field(None, gt=0, le=1e6, description="Clip the averaged gradient to this norm (null: off)")
     averaging: Averaging = "gradients"
     compression: Compression = "none"
     aggregation: Aggregation = Field("mean", description="mean, or clipped: each member's contribution bounded by the median one")
@@ -56,6 +62,10 @@ class Hyperparameters(Strict):
     def _clipped_needs_float32(self) -> "Hyperparameters":
         if self.aggregation == "clipped" and self.compression != "none":
             raise ValueError("aggregation clipped needs compression none (it sends each member's shards in float32)")
+        if self.lr_schedule != "constant" and (self.total_epochs is None or self.total_epochs <= self.warmup_epochs):
+            raise ValueError(f"lr_schedule {self.lr_schedule} needs total_epochs above warmup_epochs")
+        if self.averaging == "diloco" and (self.lr_schedule != "constant" or self.warmup_epochs or self.clip_grad_norm):
+            raise ValueError("lr_schedule, warmup_epochs and clip_grad_norm apply to gradient averaging, not diloco")
         return self
 
 

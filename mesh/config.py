@@ -33,6 +33,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPRESSIONS = ("none", "fp16", "8bit")
 AVERAGING_MODES = ("gradients", "local", "diloco")
 AGGREGATIONS = ("mean", "clipped")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 DATA_PLANES = ("gloo", "nccl", "hivemind")
 LOG_FORMATS = ("text", "json")
 SECRET_FIELDS = ("api_token", "mongo_url", "run_secret", "run_secret_key")
@@ -52,6 +53,16 @@ def check_secret(secret: str | None) -> None:
             f"--run-secret must be at least {MIN_SECRET_LENGTH} characters (got {len(secret)}); make one with "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
+
+
+def check_schedule(schedule: str, warmup: int, total: int | None, weight_decay: float, clip: float | None) -> None:
+    _check_choice("lr_schedule", schedule, LR_SCHEDULES)
+    _check_positive("warmup_epochs", warmup, allow_zero=True)
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    _check_positive("clip_grad_norm", clip)
+    _check_positive("total_epochs", total)
+    if schedule != "constant" and (total is None or total <= warmup):
+        raise ConfigError(f"--lr-schedule {schedule} needs --total-epochs above --warmup-epochs ({warmup}), got {total}")
 
 
 def _check_port(name: str, port: int | None) -> None:
@@ -152,6 +163,17 @@ class RunDefaults(Section):
     """sgd, adam or adamw (the task's default when unset)."""
     lr: float | None = None
     """Learning rate (the task's default when unset)."""
+    weight_decay: float = 0.0
+    """Weight decay of the built-in optimizers (decoupled for adamw, L2 for sgd and adam)."""
+    lr_schedule: str = "constant"
+    """constant, linear or cosine: the learning rate by global epoch (the same on every peer, a late joiner
+    included), after --warmup-epochs of linear warm-up; linear and cosine reach 0 at --total-epochs."""
+    warmup_epochs: int = 0
+    """Global epochs over which the learning rate rises linearly to --lr (0: none)."""
+    total_epochs: int | None = None
+    """The global epoch at which --lr-schedule linear or cosine reaches 0 (needed by them)."""
+    clip_grad_norm: float | None = None
+    """Clip the averaged gradient to this norm (over all parameters) before every optimizer step; off when unset."""
     averaging: str = "gradients"
     """gradients: average gradients every epoch; local: step locally and average parameters every epoch; diloco:
     step locally (the task's optimizer) for --inner-steps steps, then average the change of the parameters since
@@ -188,6 +210,9 @@ class RunDefaults(Section):
         if self.optimizer is not None:
             _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("averaging", self.averaging, AVERAGING_MODES)
+        check_schedule(self.lr_schedule, self.warmup_epochs, self.total_epochs, self.weight_decay, self.clip_grad_norm)
+        if self.averaging == "diloco" and (self.lr_schedule != "constant" or self.warmup_epochs or self.clip_grad_norm):
+            raise ConfigError("--lr-schedule, --warmup-epochs and --clip-grad-norm apply to gradient averaging, not --averaging diloco")
         _check_positive("inner_steps", self.inner_steps)
         _check_positive("outer_lr", self.outer_lr)
         if not 0 <= self.outer_momentum < 1:

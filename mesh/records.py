@@ -28,7 +28,7 @@ from hivemind.utils import get_dht_time
 
 from mesh import __version__
 from mesh.admission import Admission
-from mesh.config import AGGREGATIONS, AVERAGING_MODES, COMPRESSIONS, OPTIMIZERS, RUN_ID_PATTERN
+from mesh.config import AGGREGATIONS, AVERAGING_MODES, COMPRESSIONS, LR_SCHEDULES, OPTIMIZERS, RUN_ID_PATTERN
 from mesh.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class RunRecord(pydantic.BaseModel):
     target_batch_size: pydantic.conint(strict=True, ge=1)
     optimizer: pydantic.StrictStr
     lr: pydantic.confloat(strict=True, gt=0)
+    weight_decay: pydantic.confloat(strict=True, ge=0) = 0.0
+    lr_schedule: pydantic.StrictStr = "constant"
+    warmup_epochs: pydantic.conint(strict=True, ge=0) = 0
+    total_epochs: pydantic.conint(strict=True, ge=1) | None = None
+    clip_grad_norm: pydantic.confloat(strict=True, gt=0) | None = None
     averaging: pydantic.StrictStr
     compression: pydantic.StrictStr
     aggregation: pydantic.StrictStr = "mean"
@@ -80,6 +85,7 @@ class RunRecord(pydantic.BaseModel):
     _check_averaging = pydantic.validator("averaging", allow_reuse=True)(_one_of(AVERAGING_MODES))
     _check_compression = pydantic.validator("compression", allow_reuse=True)(_one_of(COMPRESSIONS))
     _check_aggregation = pydantic.validator("aggregation", allow_reuse=True)(_one_of(AGGREGATIONS))
+    _check_schedule = pydantic.validator("lr_schedule", allow_reuse=True)(_one_of(LR_SCHEDULES))
 
     @pydantic.validator("target_batch_size")
     def _target_at_least_batch(cls, value: int, values: dict[str, Any]) -> int:
@@ -147,6 +153,11 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
         target_batch_size=int(hyper["target_batch_size"]),
         optimizer=str(hyper["optimizer"]),
         lr=float(hyper["lr"]),
+        weight_decay=float(hyper.get("weight_decay", 0.0)),
+        lr_schedule=str(hyper.get("lr_schedule", "constant")),
+        warmup_epochs=int(hyper.get("warmup_epochs", 0)),
+        total_epochs=None if hyper.get("total_epochs") is None else int(hyper["total_epochs"]),
+        clip_grad_norm=None if hyper.get("clip_grad_norm") is None else float(hyper["clip_grad_norm"]),
         averaging=str(hyper["averaging"]),
         compression=str(hyper["compression"]),
         aggregation=str(hyper.get("aggregation", "mean")),

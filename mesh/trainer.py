@@ -34,6 +34,7 @@ from mesh.errors import ConfigError, RunError
 from mesh.planeround import PlaneRound
 from mesh.records import PeerPresence, RunRecord, fetch_peers, fingerprint
 from mesh.rounds import wire_bytes
+from mesh.schedule import clip_before_step, scheduler_factory
 from mesh.tasks.base import Batch, Task
 from mesh.tracker import MeshProgressTracker
 from mesh.wirebytes import TcpTraffic
@@ -59,11 +60,18 @@ def make_compression(name: str) -> hivemind.compression.CompressionBase:
     raise ConfigError(f"unknown compression {name!r}: use none, fp16 or 8bit")
 
 
-def make_optimizer_factory(name: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+def make_optimizer_factory(
+    name: str, lr: float, weight_decay: float = 0.0, clip_grad_norm: float | None = None
+) -> Callable[[Any], torch.optim.Optimizer]:
     classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in classes:
         raise ConfigError(f"unknown optimizer {name!r}: use {', '.join(classes)}")
-    return lambda params: classes[name](params, lr=lr)
+
+    def factory(params: Any) -> torch.optim.Optimizer:
+        optimizer = classes[name](params, lr=lr, weight_decay=weight_decay)
+        return clip_before_step(optimizer, clip_grad_norm) if clip_grad_norm is not None else optimizer
+
+    return factory
 
 
 def pick_device(requested: str) -> torch.device:
@@ -339,6 +347,7 @@ class Progress:
     samples: int = 0
     epoch_samples: int = 0  # this peer's samples in the last epoch
     loss: float = float("nan")
+    lr: float = float("nan")  # the optimizer's, by the run's schedule (the same on every peer at one epoch)
     global_samples_per_second: float = 0.0
     last_group_size: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
@@ -408,7 +417,7 @@ class Trainer:
         self.batches = Batches(task.make_batches(record.batch_size, peer_seed), task.name)
         compression = make_compression(record.compression)
         diloco = record.averaging == "diloco"
-        task_optimizer = make_optimizer_factory(record.optimizer, record.lr)
+        task_optimizer = make_optimizer_factory(record.optimizer, record.lr, record.weight_decay, record.clip_grad_norm)
         # DiLoCo: the task's optimizer steps the model every local step (inner); hivemind's steps the outer one
         self.inner_opt = task_optimizer(self.model.parameters()) if diloco else None
         gradient_averager = partial(
@@ -425,6 +434,8 @@ class Trainer:
             admission=self.admission,
             params=self.model.parameters(),
             optimizer=outer_optimizer_factory(record.outer_lr, record.outer_momentum) if diloco else task_optimizer,
+            # the lr by global epoch (mesh/schedule.py): hivemind steps it with the run's epoch, a late joiner's too
+            scheduler=None if diloco else scheduler_factory(record.lr_schedule, record.warmup_epochs, record.total_epochs),
             batch_size_per_step=record.batch_size,
             target_batch_size=record.inner_steps * record.batch_size if diloco else record.target_batch_size,
             inner_steps=record.inner_steps if diloco else None,
@@ -597,6 +608,8 @@ class Trainer:
         self._bring("tcp_received_bytes", received, metrics.tcp_received_bytes)
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
+        p.lr = float(self.opt.param_groups[0]["lr"])
+        metrics.lr.labels(self.record.run_id).set(p.lr)
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
@@ -707,10 +720,11 @@ class Trainer:
     def log_progress(self) -> None:
         p = self.progress
         logger.info(
-            "progress epoch=%d loss=%.4f global_samples_per_second=%.1f group=%d steps=%d epoch_samples=%d rounds_ok=%d rounds_failed=%d "
-            "nonfinite_skips=%d",
+            "progress epoch=%d loss=%.4f lr=%.6g global_samples_per_second=%.1f group=%d steps=%d epoch_samples=%d rounds_ok=%d "
+            "rounds_failed=%d nonfinite_skips=%d",
             p.epoch,
             p.loss,
+            p.lr,
             p.global_samples_per_second,
             p.last_group_size,
             p.local_steps,

@@ -599,6 +599,10 @@
     var rows = [
       ["optimizer", h.optimizer],
       ["lr", h.lr],
+      ["lr schedule", h.lr_schedule && h.lr_schedule !== "constant" ? h.lr_schedule + " to epoch " + h.total_epochs : null],
+      ["warm-up", h.warmup_epochs ? h.warmup_epochs + " epochs" : null],
+      ["weight decay", h.weight_decay ? h.weight_decay : null],
+      ["clip grad norm", isNum(h.clip_grad_norm) ? h.clip_grad_norm : null],
       ["batch size", h.batch_size],
       ["target batch", h.target_batch_size],
       ["averaging", h.averaging === "diloco" ? "diloco, " + h.inner_steps + " inner steps" : h.averaging],

@@ -1,0 +1,73 @@
+"""The learning rate by global epoch and clipping before each step (mesh/schedule.py), against values worked out by
+hand, and hivemind's scheduler catch-up that gives a late joiner the run's learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mesh.config import ConfigError, PeerConfig
+from mesh.schedule import lr_factor, scheduler_factory
+from mesh.trainer import make_optimizer_factory
+
+
+def test_warmup_then_cosine_and_linear_by_hand() -> None:
+    assert [lr_factor(e, "constant", 4, None) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(e, "linear", 2, 6) for e in range(8)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    cosine = [lr_factor(e, "cosine", 0, 4) for e in range(5)]
+    assert cosine == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0])
+    assert scheduler_factory("constant", 0, None) is None
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_scheduler_caught_up_to_epoch_k_has_the_lr_of_one_stepped_through_every_epoch() -> None:
+    """What hivemind does for a late joiner (TrainingStateAverager._update_scheduler: step until the step count
+    passes the local epoch), against a scheduler stepped once per epoch from the start."""
+    factory = scheduler_factory("cosine", 3, 20)
+
+    def scheduler():
+        return factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4))
+
+    along, joiner = scheduler(), scheduler()
+    history = []
+    for epoch in range(12):
+        history.append(along.optimizer.param_groups[0]["lr"])
+        along.step()
+    while joiner._step_count <= 7:  # joined at epoch 7
+        joiner.step()
+    for epoch in range(7, 12):
+        assert joiner.optimizer.param_groups[0]["lr"] == history[epoch], epoch
+        joiner.step()
+    assert history[0] == pytest.approx(0.4 / 3) and history[3] == pytest.approx(0.4)
+
+
+def test_clipping_scales_the_gradient_to_the_bound_before_the_step_and_weight_decay_reaches_the_optimizer() -> None:
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = make_optimizer_factory("sgd", 0.5, weight_decay=0.0, clip_grad_norm=1.0)([param])
+    param.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])  # norm 50: a spike
+    optimizer.step()
+    assert torch.allclose(param.detach(), torch.tensor([-0.3, -0.4, 0.0, 0.0]))  # lr x the gradient at norm 1
+    param.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])  # under the bound: untouched
+    before = param.detach().clone()
+    optimizer.step()
+    assert torch.allclose(param.detach(), before - 0.5 * torch.tensor([0.3, 0.4, 0.0, 0.0]))
+    adamw = make_optimizer_factory("adamw", 1e-3, weight_decay=0.1)([torch.nn.Parameter(torch.zeros(1))])
+    assert adamw.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"lr_schedule": "cosine"}, "needs --total-epochs above --warmup-epochs"),
+        ({"lr_schedule": "linear", "warmup_epochs": 5, "total_epochs": 5}, "needs --total-epochs above"),
+        ({"lr_schedule": "step"}, "--lr-schedule must be one of constant, linear, cosine"),
+        ({"clip_grad_norm": 0.0}, "--clip-grad-norm must be > 0"),
+        ({"weight_decay": -1.0}, "--weight-decay must be >= 0"),
+        ({"averaging": "diloco", "clip_grad_norm": 1.0}, "not --averaging diloco"),
+    ],
+)
+def test_bad_schedule_settings_are_one_line(flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PeerConfig(run="r", **flags)
