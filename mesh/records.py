@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=pydantic.BaseModel)
 
 RUNS_KEY = "mesh_runs"
+# the record format this mesh writes and reads; a record of a later version (made by a newer mesh) is refused with one
+# line. 2: the optimizer's settings (weight_decay, lr_schedule, warmup_epochs, total_epochs, clip_grad_norm)
+RECORD_VERSION = 2
 RECORD_TTL = 600.0  # seconds a record lives unless a live peer refreshes it
 invalid_records_dropped = 0
 
@@ -75,6 +78,7 @@ class RunRecord(pydantic.BaseModel):
     seed: pydantic.StrictInt
     created_at: pydantic.StrictFloat
     mesh_version: pydantic.StrictStr
+    record_version: pydantic.conint(strict=True, ge=1, le=RECORD_VERSION) = 1
     signature: pydantic.StrictStr | None = None  # a protected run's: HMAC of the rest under the run's key
 
     class Config:
@@ -170,6 +174,7 @@ def make_record(run_id: str, task: str, model_fingerprint: str, **hyper: Any) ->
         seed=int(hyper["seed"]),
         created_at=float(hyper.get("created_at") or time.time()),
         mesh_version=str(hyper.get("mesh_version") or __version__),
+        record_version=RECORD_VERSION,
     )
 
 
@@ -276,14 +281,33 @@ def choose_record(run_id: str, copies: list[tuple[str, RunRecord]], admission: A
     return None
 
 
+def newer_record_version(raw: Any, run_id: str) -> int | None:
+    """The record version of a copy of ``run_id``'s record that a newer mesh wrote (this one cannot read it)."""
+    items = raw.value.items() if raw is not None and isinstance(getattr(raw, "value", None), dict) else ()
+    for subkey, item in items:
+        value = getattr(item, "value", None)
+        version = value.get("record_version") if isinstance(value, dict) else None
+        if owner_free(str(subkey)) == run_id and type(version) is int and version > RECORD_VERSION:
+            return version
+    return None
+
+
 def fetch_run(dht: DHT, run_id: str, attempts: int = 3, delay: float = 1.0, admission: Admission | None = None) -> RunRecord | None:
     """The run's record, or None. Retries a little: a freshly joined node may not see the record at once.
-    Raises RunError when the run is protected and ``admission`` cannot verify it (see :func:`choose_record`)."""
+    Raises RunError when the run is protected and ``admission`` cannot verify it (see :func:`choose_record`), and
+    when only a newer mesh can read its record."""
     admission = admission or Admission(run_id)
     for attempt in range(attempts):
-        record = choose_record(run_id, record_copies(dht.get(RUNS_KEY, latest=True)).get(run_id, []), admission)
+        raw = dht.get(RUNS_KEY, latest=True)
+        record = choose_record(run_id, record_copies(raw).get(run_id, []), admission)
         if record is not None:
             return record
+        version = newer_record_version(raw, run_id)
+        if version is not None:
+            raise RunError(
+                f"run {run_id!r} was created by a newer mesh (record version {version}; this one reads up to "
+                f"{RECORD_VERSION}): upgrade mesh here to join it"
+            )
         if attempt + 1 < attempts:
             time.sleep(delay)
     return None

@@ -108,3 +108,16 @@ def test_fingerprint_depends_on_shapes_not_values() -> None:
     assert fingerprint(a) == fingerprint(b)
     assert fingerprint(a) != fingerprint(c)
     assert len(fingerprint(a)) == 16 and int(fingerprint(a), 16) >= 0
+
+
+def test_a_record_a_newer_mesh_wrote_is_recognised_and_never_read_as_this_versions() -> None:
+    from mesh.records import RECORD_VERSION, newer_record_version
+
+    assert _record().record_version == RECORD_VERSION
+    newer = {**_record().dict(), "record_version": RECORD_VERSION + 1, "a_later_setting": 1}
+    raw = _Item({"run-1[owner:k]": _Item(newer), "run-2": _Item({**_record().dict(), "run_id": "run-2"})})
+    assert record_copies(raw).get("run-1") is None  # this mesh cannot read it: no copy of its own making
+    assert newer_record_version(raw, "run-1") == RECORD_VERSION + 1  # fetch_run says so in one line (RunError)
+    assert newer_record_version(raw, "run-2") is None
+    old = {k: v for k, v in _record().dict().items() if k not in ("record_version", "weight_decay", "lr_schedule")}
+    assert RunRecord.parse_obj(old).record_version == 1  # a version-1 record (before the optimizer's settings) still reads
