@@ -6,6 +6,7 @@ it started; whatever survives the graceful stop is killed by group. Nothing is l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from mesh import atomicfile, lifecycle
 from mesh.admission import generate_secret
-from mesh.config import UpConfig
+from mesh.config import RunDefaults, UpConfig
 from mesh.errors import MeshError
 
 logger = logging.getLogger(__name__)
@@ -134,31 +135,14 @@ def _peer_args(config: UpConfig, join: str, index: int, workdir: Path, threads: 
         str(workdir / f"peer-{index}"),
         "--identity",
         str(workdir / f"peer-{index}.key"),
-        "--matchmaking-time",
-        str(config.matchmaking_time),
-        "--averaging-timeout",
-        str(config.averaging_timeout),
-        "--average-state-every",
-        str(config.average_state_every),
-        "--averaging",
-        config.averaging,
-        "--inner-steps",
-        str(config.inner_steps),
-        "--outer-lr",
-        str(config.outer_lr),
-        "--outer-momentum",
-        str(config.outer_momentum),
-        "--compression",
-        config.compression,
-        "--aggregation",
-        config.aggregation,
-        "--seed",
-        str(config.seed),
     ]
-    for name in ("batch_size", "target_batch_size", "optimizer", "lr", "max_epochs"):
-        value = getattr(config, name)
+    # every run setting mesh up was given (it creates the run through its first peer): none dropped on the way
+    for field in dataclasses.fields(RunDefaults):
+        value = getattr(config, field.name)
         if value is not None:
-            args += ["--" + name.replace("_", "-"), str(value)]
+            args += ["--" + field.name.replace("_", "-"), str(value)]
+    if config.max_epochs is not None:
+        args += ["--max-epochs", str(config.max_epochs)]
     return args
 
 

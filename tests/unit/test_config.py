@@ -216,3 +216,40 @@ def test_a_bad_mongo_url_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as caught:
         ApiConfig(mongo_url="mongo://admin:hunter2@db")
     assert "hunter2" not in str(caught.value) and "mongo://" in str(caught.value)
+
+
+def test_mesh_up_hands_every_run_setting_to_its_peers(tmp_path: Path, monkeypatch) -> None:
+    """Each RunDefaults field given to mesh up reaches its peers' config (a new setting cannot be dropped silently)."""
+    import dataclasses
+
+    from mesh.config import RunDefaults
+    from mesh.up import _peer_args
+
+    monkeypatch.delenv("MESH_CONFIG", raising=False)
+    given = {
+        "batch_size": 8,
+        "target_batch_size": 96,
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.05,
+        "lr_schedule": "linear",
+        "warmup_epochs": 2,
+        "total_epochs": 30,
+        "clip_grad_norm": 0.5,
+        "averaging": "local",
+        "inner_steps": 7,
+        "outer_lr": 0.5,
+        "outer_momentum": 0.3,
+        "compression": "none",
+        "aggregation": "clipped",
+        "matchmaking_time": 1.5,
+        "averaging_timeout": 12.0,
+        "average_state_every": 4,
+        "seed": 9,
+    }
+    assert set(given) == {f.name for f in dataclasses.fields(RunDefaults)}  # a new setting: add it here
+    up = UpConfig(**given, task_arg=("hidden=4",), max_epochs=5)
+    args = _peer_args(up, "/ip4/127.0.0.1/tcp/1/p2p/x", 0, tmp_path, 1, "http://127.0.0.1:1", 9000)
+    peer = load_config("peer", build_parser().parse_args(args))
+    assert {name: getattr(peer, name) for name in given} == given
+    assert peer.task_arg == ("hidden=4",) and peer.max_epochs == 5
