@@ -257,6 +257,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Write checkpoints here atomically and resume from the newest one at start."""
     checkpoint_every: int = 10
     """Epochs between checkpoints (one is always written on exit)."""
+    eval_every: int = 10
+    """Epochs between evaluations on held-out data (when the task has an evaluate function); 0: never."""
     max_epochs: int | None = None
     """Leave the run after reaching this global epoch."""
     min_peers: int = 1
@@ -296,6 +298,7 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
         _check_device(self.device)
         _check_choice("data_plane", self.data_plane, DATA_PLANES)
         _check_positive("checkpoint_every", self.checkpoint_every)
+        _check_positive("eval_every", self.eval_every, allow_zero=True)
         _check_positive("threads", self.threads)
         _check_positive("min_peers", self.min_peers)
         _check_positive("min_step_time", self.min_step_time)

@@ -30,6 +30,7 @@ steps = Counter("mesh_peer_steps_total", "Local steps (batches) taken", ["run"])
 samples = Counter("mesh_peer_samples_total", "Samples this peer trained on", ["run"])
 epoch = Gauge("mesh_peer_epoch", "Global epoch this peer is on", ["run"])
 loss = Gauge("mesh_peer_loss", "Mean training loss over this peer's last epoch", ["run"])
+eval_loss = Gauge("mesh_peer_eval_loss", "Loss on the task's held-out data at this peer's last evaluation", ["run"])
 lr = Gauge("mesh_peer_lr", "The learning rate of this peer's optimizer (by the run's schedule and global epoch)", ["run"])
 samples_per_second = Gauge("mesh_peer_global_samples_per_second", "Samples per second of the whole run, as seen here", ["run"])
 step_duration = Histogram(
@@ -175,4 +176,6 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         metric.labels(run)
     for gauge in (epoch, group_size, samples_per_second):
         gauge.labels(run).set(0)
+    for gauge in (eval_loss, lr):  # unknown until the first evaluation / epoch
+        gauge.labels(run).set(float("nan"))
     device_info.info({"device": device, "gpu": gpu or ""})

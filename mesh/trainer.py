@@ -348,6 +348,8 @@ class Progress:
     epoch_samples: int = 0  # this peer's samples in the last epoch
     loss: float = float("nan")
     lr: float = float("nan")  # the optimizer's, by the run's schedule (the same on every peer at one epoch)
+    eval_loss: float = float("nan")  # on the task's held-out data, at the last evaluation (--eval-every)
+    eval_epoch: int = -1  # the epoch of that evaluation
     global_samples_per_second: float = 0.0
     last_group_size: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
@@ -390,6 +392,7 @@ class Trainer:
         bf16: bool = False,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 10,
+        eval_every: int = 10,
         status_file: Path | None = None,
         client_mode: bool = False,
         fault_nan_step: int | None = None,
@@ -402,6 +405,7 @@ class Trainer:
         self.record, self.task, self.device = record, task, device
         self.admission = admission or Admission(record.run_id)
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.eval_every = eval_every if task.evaluate is not None else 0
         self.status_file, self.fault_nan_step, self.min_step_time = status_file, fault_nan_step, min_step_time
         self.fault_gradient_scale = fault_gradient_scale
         self.peer_id = str(dht.peer_id)
@@ -610,10 +614,30 @@ class Trainer:
         metrics.loss.labels(self.record.run_id).set(p.loss)
         p.lr = float(self.opt.param_groups[0]["lr"])
         metrics.lr.labels(self.record.run_id).set(p.lr)
+        if self.eval_every and p.epoch % self.eval_every == 0:
+            self.evaluate()
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def evaluate(self) -> None:
+        """The task's held-out loss of the model as it is now, into the progress and ``mesh_peer_eval_loss``. A
+        failing evaluate (the user's code) costs a WARNING line and a NaN, never the training."""
+        assert self.task.evaluate is not None
+        p, training = self.progress, self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad(), self.autocast:
+                p.eval_loss = float(self.task.evaluate(self.model))
+        except Exception as err:  # noqa: BLE001 - the task's code
+            p.eval_loss = float("nan")
+            logger.warning("evaluation failed epoch=%d error=%s: %s", p.epoch, type(err).__name__, " ".join(str(err).split()))
+        finally:
+            self.model.train(training)
+        p.eval_epoch = p.epoch
+        metrics.eval_loss.labels(self.record.run_id).set(p.eval_loss)
+        logger.info("evaluated epoch=%d eval_loss=%.6g", p.epoch, p.eval_loss)
 
     def _bring(self, name: str, total: int, counter: Any) -> None:
         """A running total counted elsewhere (averager, optimizer, kernel) into its counter and the progress."""

@@ -95,6 +95,7 @@ def run(config: PeerConfig) -> int:
             bf16=config.bf16,
             checkpoint_dir=config.checkpoint_dir,
             checkpoint_every=config.checkpoint_every,
+            eval_every=config.eval_every,
             status_file=config.status_file,
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,

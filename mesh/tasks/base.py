@@ -29,6 +29,9 @@ class Task:
     """``(model, batch) -> scalar loss`` (the trainer calls ``.backward()`` on it)."""
     description: str = ""
     """One line shown by ``mesh up`` and in logs."""
+    evaluate: Callable[[torch.nn.Module], float] | None = None
+    """Optional ``model -> held-out loss`` (data the peers never train on), called every ``--eval-every`` epochs
+    under ``torch.no_grad()`` with the model in ``eval()`` mode; reported as ``mesh_peer_eval_loss``."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Suggested hyperparameters (``lr``, ``optimizer``, ``batch_size``, ``target_batch_size``) used when a run is
     created with this task and the user gave none."""

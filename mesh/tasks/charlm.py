@@ -76,9 +76,29 @@ def corpus() -> torch.Tensor:
     return _corpus
 
 
-def make_batches(batch_size: int, seed: int) -> Iterator[Batch]:
-    """Random windows of the corpus; ``y`` is ``x`` shifted by one byte (the next byte to predict)."""
+HELD_OUT = 0.05  # the corpus's last 5 %: evaluation only, never trained on
+EVAL_WINDOWS = 64
+
+
+def split() -> tuple[torch.Tensor, torch.Tensor]:
+    """(training part, held-out part) of the corpus."""
     data = corpus()
+    cut = int(len(data) * (1 - HELD_OUT))
+    return data[:cut], data[cut:]
+
+
+def evaluate(model: nn.Module) -> float:
+    """Mean next-byte cross-entropy over ``EVAL_WINDOWS`` fixed windows of the held-out part."""
+    held_out = split()[1]
+    starts = torch.linspace(0, len(held_out) - BLOCK_SIZE - 2, EVAL_WINDOWS).long().unsqueeze(1)
+    chunk = held_out[starts + torch.arange(BLOCK_SIZE + 1)].long()
+    device = next(model.parameters()).device
+    return float(loss(model, (chunk[:, :-1].to(device), chunk[:, 1:].to(device))))
+
+
+def make_batches(batch_size: int, seed: int) -> Iterator[Batch]:
+    """Random windows of the corpus's training part; ``y`` is ``x`` shifted by one byte (the next byte to predict)."""
+    data = split()[0]
     gen = torch.Generator().manual_seed(seed)
     window = torch.arange(BLOCK_SIZE + 1)
     while True:
@@ -180,6 +200,7 @@ def charlm_task() -> Task:
         make_model=make_model,
         make_batches=make_batches,
         loss=loss,
+        evaluate=evaluate,
         description=(
             f"byte-level transformer LM ({N_LAYER} layers, {N_EMBD} wide, context {BLOCK_SIZE}) on the Python standard library's source"
         ),

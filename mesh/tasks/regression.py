@@ -57,12 +57,21 @@ def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return F.mse_loss(model(x), y)
 
 
+HELD_OUT_SEED = 12345  # the held-out batch's stream (peers' seeds come from their ids: another stream)
+
+
+def evaluate(model: torch.nn.Module) -> float:
+    """MSE on 4096 held-out inputs (the same on every peer and every call)."""
+    return float(loss(model, next(make_batches(4096, HELD_OUT_SEED))))
+
+
 def regression_task() -> Task:
     return Task(
         name="regression",
         make_model=make_model,
         make_batches=make_batches,
         loss=loss,
+        evaluate=evaluate,
         description=f"linear student learns a fixed linear teacher ({IN_DIM}->{OUT_DIM}, no noise, optimum MSE 0)",
         defaults={"optimizer": "sgd", "lr": DEFAULT_LR, "batch_size": 16, "target_batch_size": 64},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -282,3 +283,18 @@ def _forget_test_modules() -> Any:
     yield
     for name in [m for m in sys.modules if m.startswith("mesh_test_")]:
         del sys.modules[name]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TASKS))
+def test_builtin_evaluation_is_a_deterministic_finite_loss_on_held_out_data(name: str) -> None:
+    task = load_task(name)
+    model = _build(task, 0)
+    with torch.no_grad():
+        first, again = task.evaluate(model), task.evaluate(model)
+    assert math.isfinite(first) and first > 0 and first == again
+    if name == "demo":  # the held-out part is the corpus's tail; make_batches draws from the rest only
+        train, held_out = charlm.split()
+        assert len(held_out) > charlm.BLOCK_SIZE and len(train) + len(held_out) == len(charlm.corpus())
+        tail = bytes(held_out[: charlm.BLOCK_SIZE].tolist())
+        windows = [bytes(row.tolist()) for x, _ in itertools.islice(task.make_batches(64, 1), 20) for row in x]
+        assert all(tail not in w and w in bytes(train.tolist()) for w in windows[:8])
