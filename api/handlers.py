@@ -332,7 +332,16 @@ async def _advance_run(store: Store, run: Run, beat: Heartbeat, now: datetime) -
     )
     run = await store.update_run_progress(run.run_id, progress, now)
     await store.add_history(
-        HistoryPoint(run_id=run.run_id, epoch=beat.epoch, loss=beat.loss, samples_per_second=beat.samples_per_second, peers=alive, time=now)
+        HistoryPoint(
+            run_id=run.run_id,
+            epoch=beat.epoch,
+            loss=beat.loss,
+            eval_loss=beat.eval_loss,
+            lr=beat.lr,
+            samples_per_second=beat.samples_per_second,
+            peers=alive,
+            time=now,
+        )
     )
     return run
 

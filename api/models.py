@@ -103,6 +103,8 @@ class HistoryPoint(Strict):
     run_id: str = Field(pattern=RUN_ID)
     epoch: int = Field(ge=0)
     loss: float | None = None
+    eval_loss: float | None = Field(None, description="Loss on the task's held-out data (epochs with an evaluation)")
+    lr: float | None = Field(None, ge=0, description="The learning rate the epoch stepped with")
     samples_per_second: float = Field(0.0, ge=0)
     peers: int = Field(0, ge=0)
     time: datetime
@@ -121,6 +123,8 @@ class Heartbeat(Strict):
     epoch: int = Field(0, ge=0)
     samples_per_second: float = Field(0.0, ge=0)
     loss: float | None = None
+    eval_loss: float | None = Field(None, description="Loss on the task's held-out data, when the peer evaluated at this epoch")
+    lr: float | None = Field(None, ge=0, description="The peer's learning rate at this epoch")
     hyperparameters: dict[str, Any] | None = Field(
         None,
         max_length=64,

@@ -577,6 +577,11 @@ class Trainer:
         if not self.opt.tracker.has_plan(self.opt.local_epoch):  # a planned epoch ends by the plan, not the estimate
             self.opt.tracker.refresh()
         now, p = time.monotonic(), self.progress
+        # before the progress shows the new epoch: a heartbeat that reports it reports its lr and evaluation too
+        p.lr = float(self.opt.param_groups[0]["lr"])
+        metrics.lr.labels(self.record.run_id).set(p.lr)
+        if self.eval_every and self.opt.local_epoch % self.eval_every == 0:
+            self.evaluate(self.opt.local_epoch)
         epochs_advanced = max(1, self.opt.local_epoch - p.epoch)
         self._epoch_times.append((now - p._epoch_started) / epochs_advanced)
         recent = self._epoch_times[-5:]
@@ -612,18 +617,15 @@ class Trainer:
         self._bring("tcp_received_bytes", received, metrics.tcp_received_bytes)
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
-        p.lr = float(self.opt.param_groups[0]["lr"])
-        metrics.lr.labels(self.record.run_id).set(p.lr)
-        if self.eval_every and p.epoch % self.eval_every == 0:
-            self.evaluate()
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
 
-    def evaluate(self) -> None:
-        """The task's held-out loss of the model as it is now, into the progress and ``mesh_peer_eval_loss``. A
-        failing evaluate (the user's code) costs a WARNING line and a NaN, never the training."""
+    def evaluate(self, epoch: int) -> None:
+        """The task's held-out loss of the model as it is now (at ``epoch``), into the progress and
+        ``mesh_peer_eval_loss``. A failing evaluate (the user's code) costs a WARNING line and a NaN, never the
+        training."""
         assert self.task.evaluate is not None
         p, training = self.progress, self.model.training
         try:
@@ -632,12 +634,12 @@ class Trainer:
                 p.eval_loss = float(self.task.evaluate(self.model))
         except Exception as err:  # noqa: BLE001 - the task's code
             p.eval_loss = float("nan")
-            logger.warning("evaluation failed epoch=%d error=%s: %s", p.epoch, type(err).__name__, " ".join(str(err).split()))
+            logger.warning("evaluation failed epoch=%d error=%s: %s", epoch, type(err).__name__, " ".join(str(err).split()))
         finally:
             self.model.train(training)
-        p.eval_epoch = p.epoch
+        p.eval_epoch = epoch
         metrics.eval_loss.labels(self.record.run_id).set(p.eval_loss)
-        logger.info("evaluated epoch=%d eval_loss=%.6g", p.epoch, p.eval_loss)
+        logger.info("evaluated epoch=%d eval_loss=%.6g", epoch, p.eval_loss)
 
     def _bring(self, name: str, total: int, counter: Any) -> None:
         """A running total counted elsewhere (averager, optimizer, kernel) into its counter and the progress."""

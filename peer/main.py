@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import zlib
 
 import torch
@@ -209,6 +210,9 @@ def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:
         "epoch": int(p.epoch),
         "samples_per_second": float(p.global_samples_per_second),
         "loss": None if p.loss != p.loss else float(p.loss),
+        "lr": float(p.lr) if math.isfinite(p.lr) else None,
+        # the held-out loss of this epoch (the trainer evaluates before it shows the epoch), none between evaluations
+        "eval_loss": float(p.eval_loss) if p.eval_epoch == p.epoch and math.isfinite(p.eval_loss) else None,
         "hyperparameters": {name: getattr(trainer.record, name) for name in HYPERPARAMETERS},  # a run first seen there
     }
 

@@ -647,6 +647,17 @@
             return { x: p.epoch, y: isNum(p.loss) ? p.loss : null };
           })
         : null,
+      // the held-out loss, at the epochs a peer evaluated (--eval-every): a second series
+      extra: pts
+        ? pts
+            .filter(function (p) {
+              return isNum(p.eval_loss);
+            })
+            .map(function (p) {
+              return { x: p.epoch, y: p.eval_loss };
+            })
+        : [],
+      extraLabel: "held-out",
       format: fmtLoss,
       zero: false,
       emptyText: "No loss reported yet",
@@ -806,7 +817,8 @@
   function drawChart(container, opts) {
     var width = Math.max(260, Math.floor(container.clientWidth || 560));
     var height = width < 480 ? 200 : 240;
-    var sig = JSON.stringify([width, opts.points]);
+    var extra = opts.extra || [];
+    var sig = JSON.stringify([width, opts.points, extra]);
     if (container.dataset.sig === sig) return;
     container.dataset.sig = sig;
 
@@ -845,7 +857,7 @@
       .map(function (p) {
         return p.x;
       });
-    var ys = valid.map(function (p) {
+    var ys = valid.concat(extra).map(function (p) {
       return p.y;
     });
     var xMin = Math.min.apply(null, xs);
@@ -973,6 +985,24 @@
     });
     root.appendChild(dots);
 
+    // the second series (the held-out loss): its own line and a marker per point, each carrying its value
+    if (extra.length) {
+      var ed = extra
+        .map(function (p, i) {
+          return (i ? "L" : "M") + r1(X(p.x)) + " " + r1(Y(p.y));
+        })
+        .join("");
+      root.appendChild(svg("path", { class: "series series-extra", d: extra.length === 1 ? ed + "h0" : ed }));
+      var edots = svg("g", { class: "markers markers-extra" });
+      extra.forEach(function (p) {
+        edots.appendChild(svg("circle", { cx: r1(X(p.x)), cy: r1(Y(p.y)), r: 3, "data-epoch": p.x, "data-value": p.y }));
+      });
+      root.appendChild(edots);
+      root.appendChild(
+        svg("text", { class: "legend", x: m.left + pw - 4, y: m.top + 12, "text-anchor": "end" }, "\u2014 training   \u2022 " + opts.extraLabel)
+      );
+    }
+
     // hover read-out
     var hover = svg("g", { class: "hover", visibility: "hidden" });
     var hLine = svg("line", { y1: m.top, y2: m.top + ph });
@@ -1035,6 +1065,7 @@
           opts.format(Math.max.apply(null, ys)) +
           "." +
           (valid.length < all.length ? " " + (all.length - valid.length) + " epoch(s) without a value." : "");
+    if (extra.length) desc.textContent += " Second series: " + opts.extraLabel + " loss at " + extra.length + " epoch(s).";
 
     container.replaceChildren(root);
   }
