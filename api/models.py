@@ -16,7 +16,7 @@ PEER_ID = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"  # base58, as libp2p prints peer ids
 
 RunStatus = Literal["created", "running", "stopped", "finished", "failed"]
 PeerStatus = Literal["alive", "left", "lost"]
-Optimizer = Literal["sgd", "adam", "adamw"]
+Optimizer = Literal["sgd", "adam", "adamw", "task"]  # task: the task's own factory (mesh.tasks.Task.make_optimizer)
 Compression = Literal["none", "fp16", "8bit"]
 Averaging = Literal["gradients", "local", "diloco"]
 Aggregation = Literal["mean", "clipped"]

@@ -85,7 +85,7 @@ class RunRecord(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
         allow_mutation = False
 
-    _check_optimizer = pydantic.validator("optimizer", allow_reuse=True)(_one_of(OPTIMIZERS))
+    _check_optimizer = pydantic.validator("optimizer", allow_reuse=True)(_one_of((*OPTIMIZERS, "task")))  # task: its own
     _check_averaging = pydantic.validator("averaging", allow_reuse=True)(_one_of(AVERAGING_MODES))
     _check_compression = pydantic.validator("compression", allow_reuse=True)(_one_of(COMPRESSIONS))
     _check_aggregation = pydantic.validator("aggregation", allow_reuse=True)(_one_of(AGGREGATIONS))

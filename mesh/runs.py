@@ -14,7 +14,7 @@ from mesh import metrics
 from mesh.admission import Admission
 from mesh.config import RunDefaults
 from mesh.dht import routing_table_size
-from mesh.errors import RunError
+from mesh.errors import ConfigError, RunError
 from mesh.records import (
     PRESENCE_TTL,
     RECORD_TTL,
@@ -49,9 +49,20 @@ def resolve_hyperparameters(task: Task, given: dict) -> dict:
     return hyper
 
 
+def _check_task_optimizer(task: Task, defaults: RunDefaults) -> None:
+    """One line when the flags set what the task's own optimizer or scheduler decides."""
+    if task.make_optimizer is not None and (defaults.optimizer is not None or defaults.weight_decay):
+        raise ConfigError(f"task {task.name!r} makes its own optimizer: drop --optimizer and --weight-decay (its factory sets them)")
+    if task.make_scheduler is not None and (defaults.lr_schedule != "constant" or defaults.warmup_epochs):
+        raise ConfigError(f"task {task.name!r} makes its own lr scheduler: drop --lr-schedule and --warmup-epochs")
+
+
 def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults) -> RunRecord:
     """The record of a new run: flags first, then the task's suggested hyperparameters."""
+    _check_task_optimizer(task, defaults)
     hyper = resolve_hyperparameters(task, {name: getattr(defaults, name) for name in TASK_DEFAULTED})
+    if task.make_optimizer is not None:
+        hyper["optimizer"] = "task"  # the task's factory; its lr is the factory's too (the record's is the default)
     return make_record(
         run_id,
         task_spec,

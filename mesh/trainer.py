@@ -74,6 +74,17 @@ def make_optimizer_factory(
     return factory
 
 
+def task_optimizer_factory(task: Task, record: RunRecord) -> Callable[[Any], torch.optim.Optimizer]:
+    """The optimizer the run steps: the task's own factory (the record says ``optimizer=task``) or a built-in one,
+    clipped before every step under ``--clip-grad-norm`` either way."""
+    if record.optimizer != "task":
+        return make_optimizer_factory(record.optimizer, record.lr, record.weight_decay, record.clip_grad_norm)
+    if task.make_optimizer is None:
+        raise RunError(f"run {record.run_id!r} uses its task's own optimizer, but task {task.name!r} has no make_optimizer")
+    make, clip = task.make_optimizer, record.clip_grad_norm
+    return (lambda params: clip_before_step(make(params), clip)) if clip is not None else make
+
+
 def pick_device(requested: str) -> torch.device:
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -421,9 +432,10 @@ class Trainer:
         self.batches = Batches(task.make_batches(record.batch_size, peer_seed), task.name)
         compression = make_compression(record.compression)
         diloco = record.averaging == "diloco"
-        task_optimizer = make_optimizer_factory(record.optimizer, record.lr, record.weight_decay, record.clip_grad_norm)
+        task_optimizer = task_optimizer_factory(task, record)
         # DiLoCo: the task's optimizer steps the model every local step (inner); hivemind's steps the outer one
-        self.inner_opt = task_optimizer(self.model.parameters()) if diloco else None
+        params = task.param_groups(self.model) if task.param_groups is not None else list(self.model.parameters())
+        self.inner_opt = task_optimizer(params) if diloco else None
         gradient_averager = partial(
             PseudoGradientAverager if diloco else MeshGradientAverager,
             run_id=record.run_id,
@@ -436,10 +448,10 @@ class Trainer:
         self.opt = MeshOptimizer(
             dht=dht,
             admission=self.admission,
-            params=self.model.parameters(),
+            params=params,
             optimizer=outer_optimizer_factory(record.outer_lr, record.outer_momentum) if diloco else task_optimizer,
             # the lr by global epoch (mesh/schedule.py): hivemind steps it with the run's epoch, a late joiner's too
-            scheduler=None if diloco else scheduler_factory(record.lr_schedule, record.warmup_epochs, record.total_epochs),
+            scheduler=None if diloco else self._scheduler(task, record),
             batch_size_per_step=record.batch_size,
             target_batch_size=record.inner_steps * record.batch_size if diloco else record.target_batch_size,
             inner_steps=record.inner_steps if diloco else None,
@@ -486,6 +498,11 @@ class Trainer:
             # cannot start must not leave them running, or the process never exits
             self.opt.shutdown()
             raise
+
+    @staticmethod
+    def _scheduler(task: Task, record: RunRecord) -> Any:
+        """hivemind's ``scheduler=``: the task's own, else the run's --lr-schedule (None: a constant lr)."""
+        return task.make_scheduler or scheduler_factory(record.lr_schedule, record.warmup_epochs, record.total_epochs)
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:

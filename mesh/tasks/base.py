@@ -29,6 +29,16 @@ class Task:
     """``(model, batch) -> scalar loss`` (the trainer calls ``.backward()`` on it)."""
     description: str = ""
     """One line shown by ``mesh up`` and in logs."""
+    make_optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
+    """Optional ``params -> optimizer`` (the parameters, or the groups of ``param_groups``): the task's own
+    optimizer instead of the built-in ``--optimizer``/``--lr``/``--weight-decay`` (the run records
+    ``optimizer=task``). ``--clip-grad-norm`` still applies to it."""
+    param_groups: Callable[[torch.nn.Module], list[dict[str, Any]]] | None = None
+    """Optional ``model -> parameter groups`` for ``make_optimizer`` (e.g. no weight decay on biases and norms);
+    every parameter of the model in exactly one group."""
+    make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    """Optional ``optimizer -> LR scheduler``, stepped once per *global* epoch (hivemind's ``scheduler=``), so a late
+    joiner has the run's learning rate; instead of ``--lr-schedule``."""
     evaluate: Callable[[torch.nn.Module], float] | None = None
     """Optional ``model -> held-out loss`` (data the peers never train on), called every ``--eval-every`` epochs
     under ``torch.no_grad()`` with the model in ``eval()`` mode; reported as ``mesh_peer_eval_loss``."""

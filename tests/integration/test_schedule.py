@@ -61,3 +61,24 @@ def test_a_spiked_gradient_is_applied_with_its_averaged_norm_at_the_bound(bootst
     assert peers[0].status()["rounds"]["ok"] == 1, peers[0].status()  # the spike was in the average
     assert moved == pytest.approx(LR * clip, rel=1e-4)  # one step of lr x the gradient clipped to norm 1
     assert_same_parameters(*peers)
+
+
+def test_a_tasks_own_optimizer_groups_and_scheduler_are_what_the_peers_step_with(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """tests/integration/optim_task.py: the weight's group steps at 0.2 · 0.5^epoch, the bias's group at lr 0."""
+    from tests.integration.optim_task import DECAY
+    from tests.integration.optim_task import LR as TASK_LR
+
+    common = ("--max-epochs", "4", "--min-peers", "2", "--log-every", "0.5")
+    spec = "tests.integration.optim_task:task"
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *common, task=spec)) for n in ("a", "b")]
+    for peer in peers:
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    assert any("optimizer=task" in peer.output() for peer in peers), [p.output()[-2000:] for p in peers]
+    for peer in peers:
+        lrs = logged_lrs(peer.output())
+        assert lrs and all(lr == pytest.approx(TASK_LR * DECAY**epoch, rel=1e-6) for epoch, lr in lrs.items()), lrs
+    final = assert_same_parameters(*peers)
+    torch.manual_seed(0)
+    start = load_task("regression").make_model().state_dict()
+    assert torch.equal(final["bias"], start["bias"])  # its group's lr is 0: never moved
+    assert not torch.equal(final["weight"], start["weight"])

@@ -71,3 +71,28 @@ def test_clipping_scales_the_gradient_to_the_bound_before_the_step_and_weight_de
 def test_bad_schedule_settings_are_one_line(flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PeerConfig(run="r", **flags)
+
+
+def test_a_task_with_its_own_optimizer_is_recorded_as_such_and_the_flags_it_overrides_are_refused() -> None:
+    import sys
+    from pathlib import Path
+
+    from mesh.config import RunDefaults
+    from mesh.errors import RunError
+    from mesh.runs import create_record
+    from mesh.tasks import load_task
+    from mesh.trainer import task_optimizer_factory
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    own = load_task("tests.integration.optim_task:task")
+    record = create_record("r", "tests.integration.optim_task:task", own, RunDefaults())
+    assert record.optimizer == "task"
+    with pytest.raises(ConfigError, match="makes its own optimizer: drop --optimizer"):
+        create_record("r", "x", own, RunDefaults(optimizer="adam"))
+    with pytest.raises(ConfigError, match="makes its own lr scheduler"):
+        create_record("r", "x", own, RunDefaults(lr_schedule="cosine", total_epochs=10))
+    optimizer = task_optimizer_factory(own, record)([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.SGD)
+    # a peer whose task has no factory cannot step a run recorded with the task's own optimizer
+    with pytest.raises(RunError, match="has no make_optimizer"):
+        task_optimizer_factory(load_task("regression"), record)
