@@ -16,7 +16,17 @@ import typing
 from typing import Any, Callable, Sequence
 
 from mesh import __version__
-from mesh.config import ApiConfig, BootstrapConfig, DoctorConfig, PeerConfig, StatusConfig, UpConfig, load_file, resolve
+from mesh.config import (
+    ApiConfig,
+    BootstrapConfig,
+    DoctorConfig,
+    ExportConfig,
+    PeerConfig,
+    StatusConfig,
+    UpConfig,
+    load_file,
+    resolve,
+)
 from mesh.errors import MeshError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +39,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "doctor": (DoctorConfig, "mesh.doctor:run", "preflight: daemon, address, bootstrap, reachability"),
     "api": (ApiConfig, "api.main:run", "run the coordinator: REST status API, status page, runs and membership"),
     "status": (StatusConfig, "mesh.status:run", "print the coordinator's runs and peers as tables"),
+    "export": (ExportConfig, "mesh.export:run", "write a peer's newest checkpoint as a safetensors file"),
 }
 
 

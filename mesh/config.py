@@ -429,6 +429,26 @@ class StatusConfig(LogConfig):
             raise ConfigError(f"--coordinator must be an http:// or https:// URL, got {self.coordinator!r}")
 
 
+@dataclass(frozen=True)
+class ExportConfig(LogConfig):
+    """``mesh export``: a peer's newest checkpoint as a safetensors file."""
+
+    checkpoint_dir: Path | None = None
+    """A peer's --checkpoint-dir: its newest checkpoint is exported."""
+    out: Path | None = None
+    """The safetensors file to write (run id, task, fingerprint and epoch go in its header)."""
+    task: str | None = None
+    """The task that builds the model; read from the checkpoint when it recorded one."""
+    task_arg: tuple[str, ...] = ()
+    """KEY=VALUE for the task function, as the peers were given (mesh peer --task-arg)."""
+
+    def _validate(self) -> None:
+        if self.checkpoint_dir is None:
+            raise ConfigError("--checkpoint-dir is required: the folder a peer wrote its checkpoints to")
+        if self.out is None:
+            raise ConfigError("--out is required: the .safetensors file to write")
+
+
 C = TypeVar("C", bound="DataclassInstance")
 
 
@@ -487,10 +507,10 @@ def load_file(path: Path | None, section: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {'JSON' if str(path).endswith('.json') else 'TOML'}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
-    sections = {"bootstrap", "peer", "up", "doctor", "api", "status", "task"}
+    sections = {"bootstrap", "peer", "up", "doctor", "api", "status", "export", "task"}
     merged = {k.replace("-", "_"): v for k, v in data.items() if k not in sections}
     task_table = data.get("task")
-    if isinstance(task_table, dict) and section in ("peer", "up"):  # the task function's keyword arguments
+    if isinstance(task_table, dict) and section in ("peer", "up", "export"):  # the task function's keyword arguments
         merged["task_arg"] = tuple(f"{key}={json.dumps(value)}" for key, value in task_table.items())
     elif "task" in data and not isinstance(task_table, dict):
         merged["task"] = task_table

@@ -545,6 +545,7 @@ class Trainer:
             return
         state = {
             "run_id": self.record.run_id,
+            "task": self.record.task,  # what builds the model (mesh export)
             "fingerprint": self.record.fingerprint,
             "epoch": self.opt.local_epoch,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},

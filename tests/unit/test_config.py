@@ -152,6 +152,7 @@ def _configs_with(section: type) -> list[type]:
     ]
 
 
+REQUIRED = {"PeerConfig": {"run": "r"}, "ExportConfig": {"checkpoint_dir": Path("ckpt"), "out": Path("m.safetensors")}}
 INVALID_BY_SECTION = {  # one invalid value per section's validated fields
     "NetworkConfig": [{"port": 70000}, {"join_timeout": -1}],
     "LogConfig": [{"log_format": "xml"}],
@@ -166,7 +167,7 @@ def test_every_section_of_every_config_is_validated(section: str) -> None:
 
     classes = _configs_with(getattr(config, section))
     assert classes, section
-    required = {"PeerConfig": {"run": "r"}}
+    required = REQUIRED
     for klass in classes:
         klass(**required.get(klass.__name__, {}))  # valid as built
         for invalid in INVALID_BY_SECTION[section]:
@@ -202,7 +203,7 @@ def test_describe_redacts_every_secret_field_of_every_config() -> None:
             if name in fields
         }
         seen |= set(secrets)
-        built = klass(**({"run": "r"} if klass.__name__ == "PeerConfig" else {}), **secrets)
+        built = klass(**REQUIRED.get(klass.__name__, {}), **secrets)
         line = config.describe(built)
         assert "hunter2" not in line, (klass.__name__, line)
         for name in secrets:
