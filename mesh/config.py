@@ -259,6 +259,10 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Epochs between checkpoints (one is always written on exit)."""
     eval_every: int = 10
     """Epochs between evaluations on held-out data (when the task has an evaluate function); 0: never."""
+    tracker: tuple[str, ...] = ()
+    """Experiment trackers, written every epoch: csv (metrics.csv), tensorboard, wandb; repeatable."""
+    tracker_dir: Path | None = None
+    """Folder of the trackers' files (--checkpoint-dir/trackers, else ./mesh-trackers/RUN, when unset)."""
     max_epochs: int | None = None
     """Leave the run after reaching this global epoch."""
     min_peers: int = 1
@@ -299,6 +303,8 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
         _check_choice("data_plane", self.data_plane, DATA_PLANES)
         _check_positive("checkpoint_every", self.checkpoint_every)
         _check_positive("eval_every", self.eval_every, allow_zero=True)
+        for name in self.tracker:
+            _check_choice("tracker", name, ("csv", "tensorboard", "wandb"))
         _check_positive("threads", self.threads)
         _check_positive("min_peers", self.min_peers)
         _check_positive("min_step_time", self.min_step_time)

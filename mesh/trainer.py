@@ -404,6 +404,7 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 10,
         eval_every: int = 10,
+        trackers: Any = None,
         status_file: Path | None = None,
         client_mode: bool = False,
         fault_nan_step: int | None = None,
@@ -417,6 +418,7 @@ class Trainer:
         self.admission = admission or Admission(record.run_id)
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.eval_every = eval_every if task.evaluate is not None else 0
+        self.trackers = trackers  # mesh.trackers.Trackers: a row per epoch
         self.status_file, self.fault_nan_step, self.min_step_time = status_file, fault_nan_step, min_step_time
         self.fault_gradient_scale = fault_gradient_scale
         self.peer_id = str(dht.peer_id)
@@ -636,6 +638,19 @@ class Trainer:
         metrics.epoch.labels(self.record.run_id).set(p.epoch)
         metrics.loss.labels(self.record.run_id).set(p.loss)
         metrics.samples_per_second.labels(self.record.run_id).set(p.global_samples_per_second)
+        if self.trackers is not None:
+            self.trackers.log(
+                {
+                    "epoch": p.epoch,
+                    "loss": p.loss,
+                    "eval_loss": p.eval_loss if p.eval_epoch == p.epoch else float("nan"),
+                    "lr": p.lr,
+                    "samples_per_second": p.global_samples_per_second,
+                    "group": p.last_group_size,
+                    "rounds_ok": p.rounds.get("ok", 0),
+                    "rounds_failed": p.rounds.get("failed", 0),
+                }
+            )
         self.write_status()
         if self.checkpoint_dir is not None and p.epoch % self.checkpoint_every == 0:
             self.save_checkpoint()
@@ -779,4 +794,6 @@ class Trainer:
         )
 
     def shutdown(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
         self.opt.shutdown()

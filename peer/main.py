@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,7 @@ from mesh.records import announce_peer
 from mesh.reporting import Reporter
 from mesh.runs import RecordKeeper, join_or_create, starting_presence
 from mesh.tasks import load_task
+from mesh.trackers import Trackers, open_trackers
 from mesh.trainer import Trainer, pick_device
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,9 @@ def run(config: PeerConfig) -> int:
             checkpoint_dir=config.checkpoint_dir,
             checkpoint_every=config.checkpoint_every,
             eval_every=config.eval_every,
+            trackers=Trackers(open_trackers(config.tracker, _tracker_dir(config), record.run_id, str(dht.peer_id)))
+            if config.tracker
+            else None,
             status_file=config.status_file,
             client_mode=config.client_mode,
             fault_nan_step=config.fault_nan_step,
@@ -196,6 +201,12 @@ HYPERPARAMETERS = (
 def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
     return {name: hyper[name] for name in HYPERPARAMETERS if hyper.get(name) is not None}  # None: the task's default
+
+
+def _tracker_dir(config: PeerConfig) -> Path:
+    if config.tracker_dir is not None:
+        return config.tracker_dir
+    return config.checkpoint_dir / "trackers" if config.checkpoint_dir is not None else Path("mesh-trackers") / config.run
 
 
 def _heartbeat(trainer: Trainer, addrs: list[str]) -> dict:

@@ -110,6 +110,10 @@ def test_task_argument_the_task_does_not_take() -> None:
     assert_one_line_error(result, 2, "--task-arg must be KEY=VALUE")
 
 
+def test_unknown_tracker() -> None:
+    assert_one_line_error(mesh("peer", "--run", "r", "--tracker", "mlflow"), 2, "--tracker must be one of csv, tensorboard, wandb")
+
+
 def test_invalid_flag_value() -> None:
     result = mesh("peer", "--run", "r", "--compression", "zip")
     assert_one_line_error(result, 2, "--compression must be one of none, fp16, 8bit")
