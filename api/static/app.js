@@ -585,20 +585,28 @@
         $("run-subtitle"),
         "task " + run.task + " \u00b7 epoch " + fmtInt(p.epoch) + " \u00b7 " + fmtInt(p.samples) + " samples" + (run.stopped_at ? " \u00b7 stopped " + fmtDateTime(run.stopped_at) : "")
       );
-      renderParams(run);
     }
 
     var d = state.detail.runId === runId ? state.detail : { history: null, peers: null, events: null };
+    if (run) renderParams(run, d.history);
     renderCharts(d.history);
     renderPeers(d.peers);
     renderEvents(d.events);
   }
 
-  function renderParams(run) {
+  function renderParams(run, history) {
     var h = run.hyperparameters || {};
+    // the lr the run stepped with at its latest epoch in the history (it moves with --lr-schedule)
+    var withLr = (Array.isArray(history) ? history : []).filter(function (p) {
+      return isNum(p.lr);
+    });
+    var latest = withLr.reduce(function (a, b) {
+      return !a || b.epoch > a.epoch ? b : a;
+    }, null);
     var rows = [
       ["optimizer", h.optimizer],
       ["lr", h.lr],
+      ["lr now", latest ? String(latest.lr) + " at epoch " + latest.epoch : null],
       ["lr schedule", h.lr_schedule && h.lr_schedule !== "constant" ? h.lr_schedule + " to epoch " + h.total_epochs : null],
       ["warm-up", h.warmup_epochs ? h.warmup_epochs + " epochs" : null],
       ["weight decay", h.weight_decay ? h.weight_decay : null],

@@ -73,12 +73,15 @@ def test_live_mesh_membership_loss_and_stop(coordinator: str, mesh_procs, tmp_pa
 
     hyperparameters = get(f"{api}/runs/test")["hyperparameters"]
     assert hyperparameters["aggregation"] == "clipped"
-    held_out = _screenshot_status_page(coordinator, {"aggregation": "clipped", "lr": str(hyperparameters["lr"])})
+    shown, held_out = _screenshot_status_page(coordinator, {"aggregation": "clipped", "lr": str(hyperparameters["lr"])})
     # the chart's held-out points are the API's history, epoch by epoch (read after the page: points never change)
     api_held_out = {p["epoch"]: p["eval_loss"] for p in get(f"{api}/runs/test/history")["items"] if p["eval_loss"] is not None}
     assert held_out and all(epoch in api_held_out for epoch in held_out), (held_out, api_held_out)
     assert all(value == pytest.approx(api_held_out[epoch], rel=1e-12) for epoch, value in held_out.items())
-    assert all(isinstance(p["lr"], float) for p in get(f"{api}/runs/test/history")["items"][1:])
+    history = {p["epoch"]: p for p in get(f"{api}/runs/test/history")["items"]}
+    assert all(isinstance(p["lr"], float) for p in history.values() if p["epoch"] > 0)
+    lr_now, at_epoch = re.fullmatch(r"(\S+) at epoch (\d+)", shown["lr now"]).groups()
+    assert float(lr_now) == history[int(at_epoch)]["lr"]  # the page's current lr is the API's for that epoch
 
     # metrics: valid exposition format, and they moved as they should after averaging rounds
     peer_metrics = promtool_check_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
@@ -122,10 +125,10 @@ def _no_join(args: list[str]) -> list[str]:
     return out
 
 
-def _screenshot_status_page(coordinator: str, params: dict[str, str]) -> dict[int, float]:
+def _screenshot_status_page(coordinator: str, params: dict[str, str]) -> tuple[dict[str, str], dict[int, float]]:
     """Headless Chromium renders the status page of the live mesh: peers and a loss chart, the selected run's
-    settings as the API gives them (``params``: row name -> text), no console errors. Returns the loss chart's
-    held-out points as drawn (epoch -> value)."""
+    settings as the API gives them (``params``: row name -> text), no console errors. Returns the settings rows
+    as drawn (name -> text) and the loss chart's held-out points (epoch -> value)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed: the test set-up (make test) installs it")
@@ -152,6 +155,7 @@ def _screenshot_status_page(coordinator: str, params: dict[str, str]) -> dict[in
         assert html.count("<tr") >= 3, "runs and peers tables are empty"
         shown = dict(re.findall(r"<dt>([^<]*)</dt><dd>([^<]*)</dd>", html))
         assert {name: shown.get(name) for name in params} == params, shown
+
         held_out = {int(e): float(v) for e, v in re.findall(r'<circle[^>]*data-epoch="(\d+)" data-value="([^"]+)"', html)}
         logged = subprocess.run(
             [chromium, *flags, "--enable-logging=stderr", "--v=0", f"--screenshot={ARTIFACTS / 'status-page.png'}", coordinator + "/"],
@@ -162,7 +166,7 @@ def _screenshot_status_page(coordinator: str, params: dict[str, str]) -> dict[in
         console = [line for line in logged.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
         assert console == [], console
         assert (ARTIFACTS / "status-page.png").stat().st_size > 10_000
-        return held_out
+        return shown, held_out
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
