@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+from mesh.config import TRACKERS
 from mesh.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-TRACKERS = ("csv", "tensorboard", "wandb")
 FIELDS = ("epoch", "loss", "eval_loss", "lr", "samples_per_second", "group", "rounds_ok", "rounds_failed")
 
 

@@ -60,28 +60,23 @@ def make_compression(name: str) -> hivemind.compression.CompressionBase:
     raise ConfigError(f"unknown compression {name!r}: use none, fp16 or 8bit")
 
 
-def make_optimizer_factory(
-    name: str, lr: float, weight_decay: float = 0.0, clip_grad_norm: float | None = None
-) -> Callable[[Any], torch.optim.Optimizer]:
+def make_optimizer_factory(name: str, lr: float, weight_decay: float = 0.0) -> Callable[[Any], torch.optim.Optimizer]:
     classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in classes:
         raise ConfigError(f"unknown optimizer {name!r}: use {', '.join(classes)}")
-
-    def factory(params: Any) -> torch.optim.Optimizer:
-        optimizer = classes[name](params, lr=lr, weight_decay=weight_decay)
-        return clip_before_step(optimizer, clip_grad_norm) if clip_grad_norm is not None else optimizer
-
-    return factory
+    return lambda params: classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
 def task_optimizer_factory(task: Task, record: RunRecord) -> Callable[[Any], torch.optim.Optimizer]:
     """The optimizer the run steps: the task's own factory (the record says ``optimizer=task``) or a built-in one,
     clipped before every step under ``--clip-grad-norm`` either way."""
     if record.optimizer != "task":
-        return make_optimizer_factory(record.optimizer, record.lr, record.weight_decay, record.clip_grad_norm)
-    if task.make_optimizer is None:
+        make = make_optimizer_factory(record.optimizer, record.lr, record.weight_decay)
+    elif task.make_optimizer is not None:
+        make = task.make_optimizer
+    else:
         raise RunError(f"run {record.run_id!r} uses its task's own optimizer, but task {task.name!r} has no make_optimizer")
-    make, clip = task.make_optimizer, record.clip_grad_norm
+    clip = record.clip_grad_norm
     return (lambda params: clip_before_step(make(params), clip)) if clip is not None else make
 
 

@@ -16,7 +16,7 @@ import torch
 
 from mesh import checkpoint, httpserve, lifecycle, logs, metrics
 from mesh.admission import Admission
-from mesh.config import PeerConfig, describe, parse_task_args
+from mesh.config import PeerConfig, RunDefaults, describe, parse_task_args
 from mesh.coordinator_client import Coordinator
 from mesh.dht import check_port_free, data_plane_host, start_dht, visible_maddrs
 from mesh.errors import ConfigError, JoinError
@@ -174,28 +174,9 @@ def run(config: PeerConfig) -> int:
     return exit_code
 
 
-# the run settings a coordinator's run carries (api.models.Hyperparameters), read from it and reported to it
-HYPERPARAMETERS = (
-    "batch_size",
-    "target_batch_size",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "lr_schedule",
-    "warmup_epochs",
-    "total_epochs",
-    "clip_grad_norm",
-    "averaging",
-    "compression",
-    "aggregation",
-    "matchmaking_time",
-    "averaging_timeout",
-    "average_state_every",
-    "inner_steps",
-    "outer_lr",
-    "outer_momentum",
-    "seed",
-)
+# the run settings a coordinator's run carries (api.models.Hyperparameters, the same names), read from it and reported
+# to it: every run setting, so that a new one cannot be left out
+HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(RunDefaults))
 
 
 def _hyperparameters(run: dict) -> dict:

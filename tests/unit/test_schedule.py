@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mesh.config import ConfigError, PeerConfig
-from mesh.schedule import lr_factor, scheduler_factory
+from mesh.schedule import clip_before_step, lr_factor, scheduler_factory
 from mesh.trainer import make_optimizer_factory
 
 
@@ -45,7 +45,7 @@ def test_a_scheduler_caught_up_to_epoch_k_has_the_lr_of_one_stepped_through_ever
 
 def test_clipping_scales_the_gradient_to_the_bound_before_the_step_and_weight_decay_reaches_the_optimizer() -> None:
     param = torch.nn.Parameter(torch.zeros(4))
-    optimizer = make_optimizer_factory("sgd", 0.5, weight_decay=0.0, clip_grad_norm=1.0)([param])
+    optimizer = clip_before_step(make_optimizer_factory("sgd", 0.5, weight_decay=0.0)([param]), 1.0)
     param.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])  # norm 50: a spike
     optimizer.step()
     assert torch.allclose(param.detach(), torch.tensor([-0.3, -0.4, 0.0, 0.0]))  # lr x the gradient at norm 1
