@@ -181,7 +181,10 @@ HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(RunDefaults))
 
 def _hyperparameters(run: dict) -> dict:
     hyper = run.get("hyperparameters") or {}
-    return {name: hyper[name] for name in HYPERPARAMETERS if hyper.get(name) is not None}  # None: the task's default
+    # None: the task's default; optimizer "task": the task's own factory decides (it is not a --optimizer choice)
+    return {
+        name: hyper[name] for name in HYPERPARAMETERS if hyper.get(name) is not None and not (name == "optimizer" and hyper[name] == "task")
+    }
 
 
 def _tracker_dir(config: PeerConfig) -> Path:

@@ -254,3 +254,14 @@ def test_mesh_up_hands_every_run_setting_to_its_peers(tmp_path: Path, monkeypatc
     peer = load_config("peer", build_parser().parse_args(args))
     assert {name: getattr(peer, name) for name in given} == given
     assert peer.task_arg == ("hidden=4",) and peer.max_epochs == 5
+
+
+def test_a_coordinators_run_with_the_tasks_own_optimizer_gives_a_valid_peer_config() -> None:
+    """A run recorded with optimizer=task (a task's make_optimizer), read back from the coordinator by a new peer."""
+    import dataclasses
+
+    from peer.main import _hyperparameters
+
+    hyper = _hyperparameters({"hyperparameters": {"optimizer": "task", "lr": 0.05, "target_batch_size": 64}})
+    config = dataclasses.replace(PeerConfig(run="r"), **hyper)
+    assert config.optimizer is None and config.lr == 0.05 and config.target_batch_size == 64
