@@ -193,7 +193,7 @@ def _with_task_defaults(task_spec: str, hyper: dict) -> dict:
         return hyper
     if task_spec not in BUILTIN_TASKS:
         return hyper
-    return {**hyper, **resolve_hyperparameters(BUILTIN_TASKS[task_spec](), hyper)}
+    return {**hyper, **resolve_hyperparameters(BUILTIN_TASKS[task_spec]().defaults, hyper)}
 
 
 async def get_run(request: web.Request) -> web.Response:

@@ -39,34 +39,44 @@ def model_fingerprint(task: Task, seed: int) -> str:
 TASK_DEFAULTED = ("batch_size", "target_batch_size", "optimizer", "lr")
 
 
-def resolve_hyperparameters(task: Task, given: dict) -> dict:
+def resolve_hyperparameters(suggested: dict, given: dict) -> dict:
     """``batch_size``, ``target_batch_size``, ``optimizer`` and ``lr``: the given ones (None: unset), then the task's
-    suggestions, then the mesh's; the epoch is never smaller than one local batch. The one rule for every path that
-    creates a run (``mesh peer --task``, the coordinator's API)."""
-    suggested = {"batch_size": 16, "target_batch_size": 256, "optimizer": "adamw", "lr": 1e-3, **task.defaults}
+    ``suggested`` ones (``Task.defaults``), then the mesh's; the epoch is never smaller than one local batch. The one
+    rule for every path that creates a run (``mesh peer --task``, ``mesh.join``, the coordinator's API)."""
+    suggested = {"batch_size": 16, "target_batch_size": 256, "optimizer": "adamw", "lr": 1e-3, **suggested}
     hyper = {name: suggested[name] if given.get(name) is None else given[name] for name in TASK_DEFAULTED}
     hyper["target_batch_size"] = max(hyper["target_batch_size"], hyper["batch_size"])
     return hyper
 
 
-def _check_task_optimizer(task: Task, defaults: RunDefaults) -> None:
-    """One line when the flags set what the task's own optimizer or scheduler decides."""
-    if task.make_optimizer is not None and (defaults.optimizer is not None or defaults.weight_decay):
-        raise ConfigError(f"task {task.name!r} makes its own optimizer: drop --optimizer and --weight-decay (its factory sets them)")
-    if task.make_scheduler is not None and (defaults.lr_schedule != "constant" or defaults.warmup_epochs):
-        raise ConfigError(f"task {task.name!r} makes its own lr scheduler: drop --lr-schedule and --warmup-epochs")
+def _check_own_optimizer(name: str, defaults: RunDefaults, own_optimizer: bool, own_scheduler: bool) -> None:
+    """One line when the settings set what the peer's own optimizer or scheduler decides."""
+    if own_optimizer and (defaults.optimizer is not None or defaults.weight_decay):
+        raise ConfigError(f"{name} makes its own optimizer: drop --optimizer and --weight-decay (its factory sets them)")
+    if own_scheduler and (defaults.lr_schedule != "constant" or defaults.warmup_epochs):
+        raise ConfigError(f"{name} makes its own lr scheduler: drop --lr-schedule and --warmup-epochs")
 
 
-def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults) -> RunRecord:
-    """The record of a new run: flags first, then the task's suggested hyperparameters."""
-    _check_task_optimizer(task, defaults)
-    hyper = resolve_hyperparameters(task, {name: getattr(defaults, name) for name in TASK_DEFAULTED})
-    if task.make_optimizer is not None:
-        hyper["optimizer"] = "task"  # the task's factory; its lr is the factory's too (the record's is the default)
+def new_record(
+    run_id: str,
+    task_spec: str,
+    model_fingerprint: str,
+    defaults: RunDefaults,
+    *,
+    suggested: dict | None = None,
+    own_optimizer: bool = False,
+    own_scheduler: bool = False,
+) -> RunRecord:
+    """The record of a new run: the settings first, then the task's ``suggested`` hyperparameters. ``own_optimizer``:
+    the peers step their own optimizer factory (recorded as ``optimizer=task``; its lr is the factory's)."""
+    _check_own_optimizer(f"task {task_spec!r}", defaults, own_optimizer, own_scheduler)
+    hyper = resolve_hyperparameters(suggested or {}, {name: getattr(defaults, name) for name in TASK_DEFAULTED})
+    if own_optimizer:
+        hyper["optimizer"] = "task"
     return make_record(
         run_id,
         task_spec,
-        model_fingerprint(task, defaults.seed),
+        model_fingerprint,
         weight_decay=defaults.weight_decay,
         lr_schedule=defaults.lr_schedule,
         warmup_epochs=defaults.warmup_epochs,
@@ -86,47 +96,61 @@ def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults
     )
 
 
-def join_or_create(
-    dht: DHT, run_id: str, task_spec: str | None, task: Task | None, defaults: RunDefaults, admission: Admission | None = None
-) -> RunRecord:
-    """The run's record. Refuses (RunError) a task that differs from the run's, a missing run with no task, and a
-    protected run this peer has no (or the wrong) secret for."""
-    admission = admission or Admission(run_id)
+def create_record(run_id: str, task_spec: str, task: Task, defaults: RunDefaults) -> RunRecord:
+    """The record a run of ``task`` gets when it is created with ``defaults`` (``mesh peer --task``, the API)."""
+    return new_record(
+        run_id,
+        task_spec,
+        model_fingerprint(task, defaults.seed),
+        defaults,
+        suggested=task.defaults,
+        own_optimizer=task.make_optimizer is not None,
+        own_scheduler=task.make_scheduler is not None,
+    )
+
+
+def warn_if_open(admission: Admission) -> None:
     if not admission.protected:
         logger.warning(
             "run %s is open: any process that can reach the mesh can join it and average with it; "
             "protect it with --run-secret (docs/security.md)",
-            run_id,
+            admission.run_id,
         )
-    record = fetch_run(dht, run_id, admission=admission)
-    if record is None:
-        if task is None or task_spec is None:
-            raise RunError(
-                f"run {run_id!r} does not exist in this mesh (no live peer publishes it); "
-                "pass --task NAME to create it, or check the run id"
-            )
-        record = create_record(run_id, task_spec, task, defaults)
-        if not publish_run(dht, record, admission=admission):
-            logger.warning("no DHT node accepted the run record yet run=%s; will retry", run_id)
-        logger.info("created run run=%s task=%s fingerprint=%s protected=%s", run_id, task_spec, record.fingerprint, admission.protected)
-        return fetch_run(dht, run_id, attempts=1, admission=admission) or record
+
+
+def publish_new(dht: DHT, record: RunRecord, admission: Admission) -> RunRecord:
+    """Publish a run this peer creates; the copy the DHT settled on (a peer that created it at the same moment
+    may have won), else ``record``."""
+    if not publish_run(dht, record, admission=admission):
+        logger.warning("no DHT node accepted the run record yet run=%s; will retry", record.run_id)
+    logger.info(
+        "created run run=%s task=%s fingerprint=%s protected=%s", record.run_id, record.task, record.fingerprint, admission.protected
+    )
+    return fetch_run(dht, record.run_id, attempts=1, admission=admission) or record
+
+
+def check_joined(record: RunRecord, task_spec: str | None, model_fingerprint: str | None) -> None:
+    """Refuse (RunError) to train ``record``'s run with another task, or a model of other shapes."""
+    run_id = record.run_id
     if task_spec is not None and task_spec != record.task:
         raise RunError(f"run {run_id!r} trains task {record.task!r}, not {task_spec!r}; drop --task or pick another run")
-    if task is not None and model_fingerprint(task, record.seed) != record.fingerprint:
+    if model_fingerprint is not None and model_fingerprint != record.fingerprint:
         raise RunError(
-            f"this peer's task {task_spec!r} has parameter fingerprint {model_fingerprint(task, record.seed)}, "
-            f"but run {run_id!r} expects {record.fingerprint}: the model's shapes differ; update the task code to the run's version"
+            f"this peer's model (task {task_spec or record.task!r}) has parameter fingerprint {model_fingerprint}, "
+            f"but run {run_id!r} expects {record.fingerprint}: the model's shapes differ; update the code to the run's version"
         )
+
+
+def log_joined(record: RunRecord, admission: Admission) -> None:
     logger.info(
         "joined run run=%s task=%s epoch_size=%d optimizer=%s lr=%g protected=%s",
-        run_id,
+        record.run_id,
         record.task,
         record.target_batch_size,
         record.optimizer,
         record.lr,
         admission.protected,
     )
-    return record
 
 
 def starting_presence(run_id: str, device: str) -> PeerPresence:

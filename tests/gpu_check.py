@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
+from mesh.optimizer import make_optimizer_factory, to_device
 from mesh.tasks import load_task
-from mesh.trainer import make_optimizer_factory, to_device
 from mesh.up import free_port
 from tests.procs import MeshProcess, metric, metrics_page, reap, spawn
 

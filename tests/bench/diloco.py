@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mesh.optimizer import make_optimizer_factory
 from mesh.tasks import charlm, load_task
-from mesh.trainer import make_optimizer_factory
 from mesh.up import free_port
 from mesh.wirebytes import TcpTraffic
 from tests.procs import spawn

@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mesh.optimizer import make_optimizer_factory
 from mesh.tasks import load_task
-from mesh.trainer import make_optimizer_factory
 from mesh.up import free_port
 from tests.procs import metric, metrics_page, spawn
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mesh.trainer import EIGHT_BIT_MIN_SIZE, make_compression
+from mesh.optimizer import EIGHT_BIT_MIN_SIZE, make_compression
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 

@@ -22,8 +22,8 @@ from hivemind.averaging.control import AveragingStage
 from torch.testing import assert_close
 
 from mesh.averager import MeshGradientAverager
+from mesh.optimizer import EIGHT_BIT_MIN_SIZE, make_compression
 from mesh.planeround import PlaneRound
-from mesh.trainer import EIGHT_BIT_MIN_SIZE, make_compression
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # real processes: minutes, not the default 60 s
 

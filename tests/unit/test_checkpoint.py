@@ -9,7 +9,7 @@ import torch
 
 from mesh import checkpoint
 from mesh.errors import ConfigError
-from mesh.trainer import gradients_finite, make_compression, make_optimizer_factory, pick_device, to_device
+from mesh.optimizer import gradients_finite, make_compression, make_optimizer_factory, pick_device, to_device
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:

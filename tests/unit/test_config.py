@@ -134,7 +134,7 @@ def test_describe_lists_every_setting() -> None:
 
 
 def test_a_coordinators_unset_hyperparameters_leave_the_tasks_defaults() -> None:
-    from peer.main import _hyperparameters
+    from mesh.session import coordinator_hyperparameters as _hyperparameters
 
     run = {"hyperparameters": {"lr": None, "optimizer": None, "batch_size": 8, "target_batch_size": None, "seed": 3}}
     assert _hyperparameters(run) == {"batch_size": 8, "seed": 3}
@@ -260,7 +260,7 @@ def test_a_coordinators_run_with_the_tasks_own_optimizer_gives_a_valid_peer_conf
     """A run recorded with optimizer=task (a task's make_optimizer), read back from the coordinator by a new peer."""
     import dataclasses
 
-    from peer.main import _hyperparameters
+    from mesh.session import coordinator_hyperparameters as _hyperparameters
 
     hyper = _hyperparameters({"hyperparameters": {"optimizer": "task", "lr": 0.05, "target_batch_size": 64}})
     config = dataclasses.replace(PeerConfig(run="r"), **hyper)

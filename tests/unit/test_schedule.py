@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mesh.config import ConfigError, PeerConfig
+from mesh.optimizer import make_optimizer_factory
 from mesh.schedule import clip_before_step, lr_factor, scheduler_factory
-from mesh.trainer import make_optimizer_factory
 
 
 def test_warmup_then_cosine_and_linear_by_hand() -> None:
@@ -79,9 +79,9 @@ def test_a_task_with_its_own_optimizer_is_recorded_as_such_and_the_flags_it_over
 
     from mesh.config import RunDefaults
     from mesh.errors import RunError
+    from mesh.optimizer import run_optimizer_factory
     from mesh.runs import create_record
     from mesh.tasks import load_task
-    from mesh.trainer import task_optimizer_factory
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     own = load_task("tests.integration.optim_task:task")
@@ -91,8 +91,8 @@ def test_a_task_with_its_own_optimizer_is_recorded_as_such_and_the_flags_it_over
         create_record("r", "x", own, RunDefaults(optimizer="adam"))
     with pytest.raises(ConfigError, match="makes its own lr scheduler"):
         create_record("r", "x", own, RunDefaults(lr_schedule="cosine", total_epochs=10))
-    optimizer = task_optimizer_factory(own, record)([torch.nn.Parameter(torch.zeros(2))])
+    optimizer = run_optimizer_factory(record, own.make_optimizer)([torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(optimizer, torch.optim.SGD)
     # a peer whose task has no factory cannot step a run recorded with the task's own optimizer
-    with pytest.raises(RunError, match="has no make_optimizer"):
-        task_optimizer_factory(load_task("regression"), record)
+    with pytest.raises(RunError, match="brings none"):
+        run_optimizer_factory(record, load_task("regression").make_optimizer)
