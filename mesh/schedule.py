@@ -1,5 +1,5 @@
 """The learning rate by global epoch, and clipping before each optimizer step: what a run's record asks of the
-optimizer hivemind.Optimizer steps (mesh/trainer.py builds it from these).
+optimizer hivemind.Optimizer steps (mesh/optimizer.py builds it from these).
 
 hivemind steps a scheduler given as ``scheduler=`` until its step count passes the *global* epoch, also after a
 state download (``TrainingStateAverager._update_scheduler``), so every peer, a late joiner included, has the

@@ -790,7 +790,8 @@ def _batch_size(batch: Any) -> int | None:
         size = _batch_size(item)
         if size is not None:
             return size
-    return getattr(batch, "batch_size", None) if isinstance(getattr(batch, "batch_size", None), int) else None
+    size = getattr(batch, "batch_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _mean_finite(losses: list[Any]) -> float:
