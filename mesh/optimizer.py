@@ -325,6 +325,7 @@ class MeshOptimizer(hivemind.Optimizer):
             self.grad_averager.leave_standing_group()  # the next round finds its group through matchmaking
         started, before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
+        self.sync_scheduler()
         self.share_averaged_statistics()
         if self.local_epoch != before:
             self.state_downloads += 1
@@ -336,6 +337,17 @@ class MeshOptimizer(hivemind.Optimizer):
             # peers that just left); back off instead of retrying in a tight loop
             logger.warning("no peer could serve the newest state (epoch %d); retrying", self.tracker.global_epoch)
             time.sleep(1.0)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.sync_scheduler()
+
+    def sync_scheduler(self) -> None:
+        """Step the lr scheduler up to the local epoch. hivemind does so after an epoch's step and inside a state
+        download, but not where it then sets the epoch itself: ``Optimizer.load_state_from_peers`` catching up to
+        the swarm's epoch, ``Optimizer.load_state_dict`` (a checkpoint). The lr then lagged one epoch behind the
+        run's until the next epoch (seen in CI: a peer stepped epoch 12 with epoch 11's lr after a download)."""
+        self.state_averager._update_scheduler()
 
     state_downloads: int = 0
 

@@ -230,3 +230,10 @@ def test_the_seams_run_admission_hooks_into() -> None:
     assert "await self.add_p2p_handlers(self._p2p, namespace=self.prefix)" in source(DecentralizedAverager._run_internal)
     # owned DHT subkeys: the marker the records' subkeys carry
     assert RSASignatureValidator.PUBLIC_KEY_FORMAT == b"[owner:_key_]"
+
+
+def test_the_scheduler_catch_up_the_optimizer_repeats_where_hivemind_sets_the_epoch() -> None:
+    # MeshOptimizer.sync_scheduler calls this after hivemind sets the epoch without it (a checkpoint, a catch-up)
+    assert "while self.scheduler._step_count <= self.local_epoch" in source(TrainingStateAverager._update_scheduler)
+    assert "self.state_averager.local_epoch = self.tracker.global_epoch" in source(hivemind.Optimizer.load_state_from_peers)
+    assert "self.state_averager.local_epoch = state_dict" in source(hivemind.Optimizer.load_state_dict)
