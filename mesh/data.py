@@ -18,8 +18,11 @@ clock) cannot be restored this way; seed it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
+
+import torch
+from torch.utils.data import Sampler
 
 from mesh.errors import ConfigError
 
@@ -109,3 +112,29 @@ class Batches:
             next(self)
         if position:
             logger.info("data fast-forwarded to where the checkpoint left it pass=%d batch=%d", max(passes, 1), position)
+
+
+class PeerSampler(Sampler[int]):
+    """Indices of a map-style dataset (anything with ``__len__``: a torch ``Dataset``, a Hugging Face ``datasets``
+    one) in this peer's own order: a new permutation every pass, from ``seed`` (give it ``peer.data_seed``) and the
+    pass alone, so that peers draw different samples at a time and a restarted peer (the same ``--identity``, so the
+    same seed) is fast-forwarded to exactly the samples it had not drawn (:class:`Batches` calls ``set_epoch``).
+
+    Why not a fixed partition (``DistributedSampler``'s ``rank``/``num_replicas``): a mesh's peers come and go, so
+    there is no fixed count to split by. Each peer covers the whole dataset every pass; in one pass of all peers
+    together a sample is drawn about as many times as there are peers, in different epochs of the run."""
+
+    def __init__(self, dataset: Sized, seed: int) -> None:
+        self.size, self.seed, self.epoch = len(dataset), int(seed), 0
+        if self.size == 0:
+            raise ConfigError("PeerSampler: the dataset is empty")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size

@@ -458,6 +458,8 @@ class Peer:
             logger.warning("dropped non-finite gradient step=%d epoch=%d", p.local_steps, self.opt.local_epoch)
             return False
         size = batch_size or self._last_batch_size or self.record.batch_size
+        if self.config.min_step_time is not None:  # a testing aid: a step as slow as a real model's
+            time.sleep(max(0.0, self.config.min_step_time - (time.perf_counter() - self._step_started)))
         if self.inner_opt is not None:
             self.inner_opt.step()
         self.opt.step(batch_size=size)

@@ -9,7 +9,6 @@ runs the session's bounded leave.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -42,15 +41,12 @@ def run(config: PeerConfig) -> int:
         )
         record, steps = peer.record, 0
         for batch in peer.batches(task.make_batches(record.batch_size, peer.data_seed)):
-            started = time.perf_counter()
             with peer.autocast:
                 loss = task.loss(model, batch)
             steps += 1
             if config.fault_nan_step is not None and steps == config.fault_nan_step:
                 loss = loss * float("nan")
             (loss if config.fault_gradient_scale is None else loss * config.fault_gradient_scale).backward()
-            if config.min_step_time is not None:
-                time.sleep(max(0.0, config.min_step_time - (time.perf_counter() - started)))
             if opt.step(record.batch_size):
                 peer.report(loss=loss)
             opt.zero_grad()
