@@ -105,3 +105,23 @@ def test_a_source_that_cannot_give_endless_batches_is_one_line(source, message: 
         for _ in range(5):
             next(batches)
     assert "\n" not in str(caught.value) and "'mine'" in str(caught.value)
+
+
+def test_a_peer_sampler_gives_each_peer_its_own_order_every_pass_and_a_restart_the_rest_of_it() -> None:
+    from mesh.data import PeerSampler
+
+    def drawn(seed: int, count: int, state: dict | None = None) -> list[float]:
+        batches = Batches(DataLoader(DATA, batch_size=4, sampler=PeerSampler(DATA, seed)), "t")
+        if state is not None:
+            batches.load_state_dict(state)
+        return [v for batch in itertools.islice(batches, count) for v in values(batch)]
+
+    one = drawn(11, 15)  # three passes of 5 batches
+    passes = [one[i * 20 : (i + 1) * 20] for i in range(3)]
+    assert all(sorted(p) == [float(i) for i in range(20)] for p in passes)  # every sample once per pass
+    assert passes[0] != passes[1] != passes[2]  # a new order every pass
+    assert drawn(11, 15) == one  # from the seed and the pass alone
+    assert drawn(12, 5) != passes[0]  # another peer, another order
+    assert drawn(11, 8, {"passes": 2, "position": 2}) == one[28:60]  # a restart: the rest of pass 2, then pass 3
+    with pytest.raises(ConfigError, match="empty"):
+        PeerSampler([], 0)
