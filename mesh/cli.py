@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "doctor": (DoctorConfig, "mesh.doctor:run", "preflight: daemon, address, bootstrap, reachability"),
     "api": (ApiConfig, "api.main:run", "run the coordinator: REST status API, status page, runs and membership"),
     "status": (StatusConfig, "mesh.status:run", "print the coordinator's runs and peers as tables"),
-    "export": (ExportConfig, "mesh.export:run", "write a peer's newest checkpoint as a safetensors file"),
+    "export": (ExportConfig, "mesh.export:run", "a run's model as safetensors (from a checkpoint, or the live mesh's newest state)"),
 }
 
 

@@ -437,23 +437,34 @@ class StatusConfig(LogConfig):
 
 
 @dataclass(frozen=True)
-class ExportConfig(LogConfig):
-    """``mesh export``: a peer's newest checkpoint as a safetensors file."""
+class ExportConfig(LogConfig, NetworkConfig):
+    """``mesh export``: a run's model as a safetensors file, from a peer's checkpoint or from the live mesh."""
 
     checkpoint_dir: Path | None = None
     """A peer's --checkpoint-dir: its newest checkpoint is exported."""
+    run: str | None = None
+    """With --join instead of --checkpoint-dir: the run whose newest state is fetched from its live peers (this
+    process joins as a client and never trains)."""
+    run_secret: str | None = None
+    """The run's secret (a protected run's peers serve their state only to holders of it)."""
     out: Path | None = None
     """The safetensors file to write (run id, task, fingerprint and epoch go in its header)."""
     task: str | None = None
-    """The task that builds the model; read from the checkpoint when it recorded one."""
+    """The task that builds the model; read from the checkpoint, or the run's record, when it names one."""
     task_arg: tuple[str, ...] = ()
     """KEY=VALUE for the task function, as the peers were given (mesh peer --task-arg)."""
+    state_timeout: float = 60.0
+    """With --join: seconds to wait for a live peer to serve the run's state."""
 
     def _validate(self) -> None:
-        if self.checkpoint_dir is None:
-            raise ConfigError("--checkpoint-dir is required: the folder a peer wrote its checkpoints to")
+        if (self.checkpoint_dir is None) == (not self.join):
+            raise ConfigError("give --checkpoint-dir DIR (a peer's checkpoints) or --join ADDR --run RUN (the live mesh), one of them")
+        if self.join and not self.run:
+            raise ConfigError("--join needs --run: the run whose state to export")
         if self.out is None:
             raise ConfigError("--out is required: the .safetensors file to write")
+        check_secret(self.run_secret)
+        _check_positive("state_timeout", self.state_timeout)
 
 
 C = TypeVar("C", bound="DataclassInstance")

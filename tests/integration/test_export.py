@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from mesh.runs import model_fingerprint
 from mesh.tasks import load_task
@@ -87,3 +88,33 @@ def test_export_mistakes_get_one_line(tmp_path: Path) -> None:
     result = mesh("export", "--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "m.safetensors"), "--task", "demo")
     assert_one_line_error(result, 2, "task 'demo' builds another model than the checkpoint's")
     assert not (tmp_path / "m.safetensors").exists() and REPO.exists()
+    assert_one_line_error(mesh("export", "--out", out), 2, "give --checkpoint-dir DIR")
+    assert_one_line_error(mesh("export", "--join", "/ip4/127.0.0.1/tcp/1/p2p/x", "--out", out), 2, "--join needs --run")
+
+
+SECRET = "export-test-secret-0123456789"
+
+
+def test_export_from_the_live_mesh_gives_the_runs_newest_parameters(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """``mesh export --join ADDR --run RUN``: the state a late joiner would download, from a protected run's live
+    peers (reference: a peer's own checkpoint of the exported epoch; epochs take ~4 s, so one is caught between two)."""
+    common = ("--min-peers", "2", "--checkpoint-every", "1", "--min-step-time", "0.5")
+    peers = [mesh_procs(n, *peer_args(bootstrap, n, tmp_path, *common), env={"MESH_RUN_SECRET": SECRET}) for n in ("a", "b")]
+    peers[0].wait_epoch(2, timeout=180)
+    out = tmp_path / "live.safetensors"
+    for _attempt in range(3):
+        result = mesh(
+            "export", "--join", bootstrap, "--run", "test", "--host", "127.0.0.1", "--out", str(out), env={"MESH_RUN_SECRET": SECRET}
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved = torch.load(peers[0].checkpoint_dir / "checkpoint.pt", weights_only=True)
+        with safe_open(str(out), "pt") as exported:
+            header, tensors = exported.metadata(), {name: exported.get_tensor(name) for name in exported.keys()}
+        if header["epoch"] == str(saved["epoch"]):
+            break
+    assert header["epoch"] == str(saved["epoch"]) and saved["epoch"] >= 2, (header, saved["epoch"])
+    assert header["run_id"] == "test" and header["task"] == "regression"
+    torch.testing.assert_close(tensors, saved["model"], rtol=0, atol=0)
+    refused = mesh("export", "--join", bootstrap, "--run", "test", "--host", "127.0.0.1", "--out", str(tmp_path / "no.safetensors"))
+    assert_one_line_error(refused, 4, "is protected: pass its secret")
+    assert not (tmp_path / "no.safetensors").exists()
