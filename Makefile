@@ -48,7 +48,7 @@ lint: install
 
 # Lint, then everything, the container test included (what CI runs).
 test: lint system-deps
-	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "" -n 2 --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 # The default suite: everything but the container test (image builds take minutes).
 test-quick: install system-deps

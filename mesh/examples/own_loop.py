@@ -12,8 +12,8 @@ What it trains: a small MLP regressing a fixed random "teacher" network on a map
 job has: a ``DataLoader`` over the dataset in this peer's own order (``mesh.data.PeerSampler``), AdamW with weight
 decay on the weight matrices only, a linear warm-up then cosine schedule (by the run's epoch), gradient clipping
 (of the averaged gradient), evaluation on held-out data. The same model, data and optimizer as a task
-(:func:`task`), so ``mesh export --checkpoint-dir DIR --out model.safetensors`` reads this loop's checkpoints, and
-``mesh peer --task mesh.examples.own_loop:task`` could train the same run.
+(:func:`task`), so that ``mesh export`` can build the model from the run's record and read this loop's checkpoints
+(``--checkpoint-dir DIR``) or the live run's state (``--join ADDR --run RUN``).
 """
 
 from __future__ import annotations
