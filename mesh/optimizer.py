@@ -76,6 +76,24 @@ def run_optimizer_factory(record: RunRecord, own: Callable[[Any], torch.optim.Op
     return (lambda params: clip_before_step(make(params), clip)) if clip is not None else make
 
 
+def optimizer_statistics(make: Callable[[Any], torch.optim.Optimizer]) -> tuple[str, ...]:
+    """The per-parameter state tensors the optimizer ``make`` builds keeps (Adam's ``exp_avg`` and ``exp_avg_sq``,
+    SGD's ``momentum_buffer``), found by one step of a probe. Parameter rounds average them with the parameters:
+    members whose parameters a round made equal but whose moments differ (one stepped alone in a failed or
+    local-only round, or took another member's state) step apart again from the next averaged gradient on (seen in
+    CI with AdamW: every round ok to the end, the members' parameters still different)."""
+    probe = torch.nn.Parameter(torch.zeros(2))
+    try:
+        optimizer = make([probe])
+        probe.grad = torch.zeros_like(probe)
+        optimizer.step()
+    except Exception as err:  # noqa: BLE001 - the user's factory: without a probe, parameters only
+        logger.debug("optimizer statistics not probed (%s): parameter rounds average parameters only", err)
+        return ()
+    state = optimizer.state.get(probe, {})
+    return tuple(sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == probe.shape))
+
+
 def pick_device(requested: str) -> torch.device:
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -328,6 +346,10 @@ class MeshOptimizer(hivemind.Optimizer):
         self.sync_scheduler()
         self.share_averaged_statistics()
         if self.local_epoch != before:
+            if getattr(self, "grad_averager", None) is not None:
+                # the donor's parameters need not be those of the group this peer meets next (after a join and a
+                # leave at once, members stayed apart to the end in CI: every later round ok, none averaged them)
+                self.grad_averager.resync_wanted = True
             self.state_downloads += 1
             metrics.state_downloads.labels(self.run_label).inc()
             metrics.state_download_duration.labels(self.run_label).observe(time.perf_counter() - started)
@@ -392,7 +414,7 @@ def make_run_optimizer(
         # DiLoCo's outer state is the optimizer's (offloaded) parameters and its momentum: a parameter round
         # averages both, so members that stepped apart agree on all of it again
         offload_optimizer=True if diloco else None,
-        average_opt_statistics=outer_statistics(record.outer_momentum) if diloco else (),
+        average_opt_statistics=outer_statistics(record.outer_momentum) if diloco else optimizer_statistics(run_optimizer),
         matchmaking_time=record.matchmaking_time,
         averaging_timeout=record.averaging_timeout,
         load_state_timeout=max(60.0, record.averaging_timeout),

@@ -143,12 +143,13 @@ def check_joined(record: RunRecord, task_spec: str | None, model_fingerprint: st
 
 def log_joined(record: RunRecord, admission: Admission) -> None:
     logger.info(
-        "joined run run=%s task=%s epoch_size=%d optimizer=%s lr=%g protected=%s",
+        "joined run run=%s task=%s epoch_size=%d optimizer=%s lr=%s protected=%s",
         record.run_id,
         record.task,
         record.target_batch_size,
         record.optimizer,
-        record.lr,
+        # a run that steps its peers' own optimizer takes the lr from their factory, not from the record
+        "own" if record.optimizer == "task" else f"{record.lr:g}",
         admission.protected,
     )
 

@@ -7,24 +7,6 @@ import pytest
 
 from tests.procs import MeshProcess, reap, spawn
 
-SHARED_WORKER = ("tests/containers/",)  # their images are built once per session: one worker runs all of them
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """``make test`` runs two xdist workers (``-n 2 --dist loadgroup``): every test goes to whichever worker is
-    free, but the tests under SHARED_WORKER all go to one. Done here, not with ``xdist_group`` marks: on pytest 9.2
-    xdist's loadgroup silently ignores them (pytest-dev/pytest-xdist#1386; seen: both workers built the images)."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    class Scheduling(LoadGroupScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            shared = next((prefix for prefix in SHARED_WORKER if nodeid.startswith(prefix)), None)
-            return shared or super()._split_scope(nodeid)
-
-    return Scheduling(config, log)
-
 
 @pytest.fixture
 def mesh_procs(tmp_path: Path) -> Iterator[Callable[..., MeshProcess]]:
