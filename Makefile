@@ -47,7 +47,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Lint, then everything, the container test included (what CI runs), with the 20 slowest tests printed. On one
-# worker: two xdist workers took the suite from 24 to 15 min here, but exposed timing-dependent failures of the
+# worker: two xdist workers took the suite from 23 to 15 min here, but exposed timing-dependent failures of the
 # multi-process tests under load (docs/architecture.md, Tests).
 test: lint system-deps
 	$(PY) -m pytest -m "" --durations=20 $(PYTEST_ARGS)
