@@ -69,6 +69,12 @@ def held_out_set() -> TensorDataset:
     return dataset(HELD_OUT_SAMPLES, DATA_SEED + 1)  # other inputs: never trained on
 
 
+def loader(batch_size: int, seed: int) -> DataLoader:
+    """The training set in this peer's own order (``seed``: ``peer.data_seed``), a new one every pass."""
+    data = train_set()
+    return DataLoader(data, batch_size=batch_size, sampler=PeerSampler(data, seed), drop_last=True)
+
+
 def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     inputs, targets = batch
     return F.mse_loss(model(inputs), targets)
@@ -110,14 +116,10 @@ def warmup_cosine(warmup: int = 5, total: int = 200):
 def task(hidden: int = 128, lr: float = 3e-3, weight_decay: float = 0.01, warmup: int = 5, total: int = 200) -> Task:
     """The same model, data, optimizer and schedule as a task, for ``mesh export`` and ``mesh peer --task``."""
 
-    def make_batches(batch_size: int, seed: int) -> DataLoader:
-        data = train_set()
-        return DataLoader(data, batch_size=batch_size, sampler=PeerSampler(data, seed), drop_last=True)
-
     return Task(
         name="own-loop-mlp",
         make_model=lambda: make_model(hidden),
-        make_batches=make_batches,
+        make_batches=loader,
         loss=loss_fn,
         evaluate=evaluate,
         make_optimizer=make_optimizer(lr),
@@ -160,9 +162,8 @@ def train(
             param_groups=param_groups(model, weight_decay),
             defaults={"target_batch_size": 1024},  # for a run this peer creates without MESH_TARGET_BATCH_SIZE
         )
-        data = train_set()
-        loader = DataLoader(data, batch_size=BATCH_SIZE, sampler=PeerSampler(data, peer.data_seed), drop_last=True)
-        for batch in peer.batches(loader):  # until Ctrl-C / SIGTERM / max_epochs; resumed where a checkpoint left it
+        # until Ctrl-C / SIGTERM / max_epochs; resumed where a checkpoint left it
+        for batch in peer.batches(loader(BATCH_SIZE, peer.data_seed)):
             loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
