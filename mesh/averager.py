@@ -107,9 +107,32 @@ class DeclareThrottleMixin:
             DecentralizedAverager.state_sharing_priority.fset(self, value)  # type: ignore[attr-defined]
 
 
-class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, AdmittedAverager):
-    """hivemind's state averager (parameters, optimizer state), with the group size set per round and the run's
-    admission (mesh/admitted.py) on matchmaking, state serving and state downloads."""
+class LastRoundMixin(DecentralizedAverager):
+    """Keeps the handle of the last averaging round: ``TrainingStateAverager`` starts its rounds through this
+    (averaging-level) ``step`` and never returns their result."""
+
+    _last_round: StepControl | None = None
+
+    def step(self, *args: Any, **kwargs: Any):
+        control = super().step(*args, **kwargs)
+        if isinstance(control, StepControl):
+            self._last_round = control
+        return control
+
+    def take_round_size(self) -> int | None:
+        """The group size of the last round if it finished with a result since the last call, else None."""
+        control, self._last_round = self._last_round, None
+        if control is None or not control.done():
+            return None
+        try:
+            return len(control.result(timeout=0))
+        except BaseException:  # failed or cancelled
+            return None
+
+
+class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, LastRoundMixin, AdmittedAverager):
+    """hivemind's state averager (parameters, optimizer state), with the group size set per round, the last round's
+    size kept, and the run's admission (mesh/admitted.py) on matchmaking, state serving and state downloads."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +268,9 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         self.state_rounds_skipped = 0
         self.resync_wanted = True  # a new member asks its first group to average parameters
         self.leaving = False  # set when this peer shuts down: its last round tells the group
+        # whether this peer's last round averaged with every live peer (or it was alone in the run): if not, members
+        # may hold different parameters, and at the run's end MeshOptimizer.finish averages them once more
+        self.last_round_complete = True
         self.gradient_wire_bytes = 0
         self.on_state_group: Callable[[int], None] | None = None  # told the size of a group that averages parameters
         # this peer's epoch and samples/s, published with its batch size: members of a group plan the next epoch
@@ -380,6 +406,12 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         rows = [data for data in gathered.values() if isinstance(data, dict)]
         asked = any(data.get("resync") for data in rows)
         live = max([int(data.get("live") or 0) for data in rows], default=0)
+        self.last_round_complete = len(gathered) >= live
+        # the live peers outside this group stepped with another mean (or alone): this group's parameter round
+        # below cannot bring them together, so the next group, which may have them, averages parameters.
+        # Seen: a late joiner in two groups of 2 at one epoch (one of them with its stale gradient), then every
+        # round complete and ok, and one member apart from the others to the end
+        self.resync_wanted = not self.last_round_complete
         # every member sees the same gathered metadata, so the whole group takes the same decisions: whether to
         # average parameters (in a group of the same size), and whether the next round skips matchmaking
         self.wants_state_averaging = asked or len(gathered) < live
@@ -424,6 +456,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
     def _record(self, outcome: str, size: int, reason: str = "") -> None:
         self.last_outcome, self.last_group_size, self._last_round, self._standing = outcome, size, None, None
         self.rounds[outcome] += 1
+        self.last_round_complete = outcome == "local_only" and self._wanted_group_size.value <= 1
         # parameters may have drifted from the others' unless this round averaged with a complete group
         self.resync_wanted = outcome != "ok"
         self.wants_state_averaging = outcome == "failed" or (outcome == "local_only" and self._wanted_group_size.value > 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
 from functools import partial
 from typing import Any, Callable
@@ -239,6 +240,9 @@ class MeshOptimizer(hivemind.Optimizer):
         if self.local_epoch != epoch and self.grad_averager is not None:
             if self.inner_steps is not None and self.state_downloads == downloads:
                 self._after_outer_step()
+            state_group = self.state_averager.take_round_size()
+            if state_group is not None and state_group >= live:  # this epoch's parameter round had everyone in it
+                self.grad_averager.last_round_complete = True
             self._after_round(epoch, self.grad_averager.take_group())
         return result
 
@@ -330,6 +334,38 @@ class MeshOptimizer(hivemind.Optimizer):
                 averager.tag_along(pending, min(self.averaging_timeout, LEAVE_WAIT))
         super().shutdown()
 
+    def finish(self, timeout: float, stop: threading.Event | None = None) -> dict[str, int] | None:
+        """The run's end for this peer (its ``max_epochs``). When its last epoch's rounds did not have every live
+        peer in them (the gradient round failed or missed a member, and no parameter round made up for it), members
+        may hold different parameters and no later round would bring them together: average parameters and
+        optimizer statistics with every live peer once more, again while the group was short, for at most
+        ``timeout`` seconds (``stop``, SIGTERM, ends it early). A member still behind joins through its own
+        epoch's parameter round (its gradient round, without the finished members, fails, and hivemind then
+        averages parameters in the same averager) or through its own final round. Returns the last final round's
+        ``{"wanted": n, "group": m}`` (m 0: it failed), or None when none was needed."""
+        averager = self.grad_averager
+        if averager is None or averager.last_round_complete:
+            return None
+        deadline = time.monotonic() + timeout
+        result = None
+        # a member still behind joins here through its own epoch's parameter round (its gradient round, without
+        # the finished ones, fails: hivemind then averages parameters in the same averager), or its final round
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            others = self.tracker.others_epochs()  # a peer that left gracefully has withdrawn its record
+            if not others:
+                break
+            wanted = len(others) + 1
+            attempt = min(deadline - time.monotonic(), self.averaging_timeout)
+            self.state_averager.set_target_group_size(wanted)
+            control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=attempt)
+            self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts={"timeout": attempt})
+            group = self.state_averager.take_round_size() or 0  # 0: failed (hivemind logged why)
+            result = {"wanted": wanted, "group": group}
+            logger.info("final parameter round epoch=%d group=%d of %d", self.local_epoch, group, wanted)
+            if group >= wanted:
+                break
+        return result
+
     @property
     def rounds(self) -> dict[str, int]:
         return dict(self.grad_averager.rounds) if self.grad_averager is not None else {}
@@ -350,6 +386,7 @@ class MeshOptimizer(hivemind.Optimizer):
                 # the donor's parameters need not be those of the group this peer meets next (after a join and a
                 # leave at once, members stayed apart to the end in CI: every later round ok, none averaged them)
                 self.grad_averager.resync_wanted = True
+                self.grad_averager.last_round_complete = False  # at the run's end, average with the others once more
             self.state_downloads += 1
             metrics.state_downloads.labels(self.run_label).inc()
             metrics.state_download_duration.labels(self.run_label).observe(time.perf_counter() - started)

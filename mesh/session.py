@@ -90,6 +90,9 @@ class Progress:
     clipped_outliers: int = 0  # --aggregation clipped: contributions far above the group's median
     unbounded_steps_skipped: int = 0  # --aggregation clipped: failed rounds stepped with no gradient
     refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
+    # at max_epochs, the parameter round with every live peer after a last round without them all (MeshOptimizer.finish):
+    # {"wanted": members, "group": those in it}; None when none was needed
+    final_round: dict[str, int] | None = None
     _epoch_first_step: int = 0
     _epoch_losses: list[Any] = field(default_factory=list)  # reported losses (tensors: summed once an epoch)
     _epoch_started: float = field(default_factory=time.monotonic)
@@ -758,6 +761,11 @@ class Peer:
         down; whatever is left is killed. True when every step finished in time (else ``exit_code`` is 1)."""
         if self.dht is None:
             return True
+        if self.opt is not None and self.record is not None and self.reason == "max_epochs":
+            self.write_status(state="finishing")
+            # the others that were in no complete round with this peer at the end wait for each other, then average
+            record = self.record
+            self.progress.final_round = self.opt.finish(2 * record.averaging_timeout + record.matchmaking_time, self.stop)
         if self.opt is not None:
             self.log_progress()
             logger.info("leaving run=%s reason=%s epoch=%d", self.config.run, self.reason, self.opt.local_epoch)

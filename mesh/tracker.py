@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any
 
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.utils import get_dht_time
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 
 class ReportThrottle(threading.Event):
@@ -80,3 +80,18 @@ class MeshProgressTracker(ProgressTracker):
         """Re-read the swarm's progress from the DHT now, not on the fetcher's own schedule."""
         self.global_progress.next_fetch_time = 0.0
         self.global_state_updated.set()
+
+    def others_epochs(self) -> list[int]:
+        """The epoch of every other peer that reports progress in the run now (read from the DHT, not cached)."""
+        found = self.dht.get(self.training_progress_key, latest=True)
+        records = found.value if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict) else {}
+        mine = self.local_progress.peer_id
+        epochs = []
+        for record in records.values():
+            try:
+                progress = LocalTrainingProgress.parse_obj(record.value)
+            except Exception:  # a malformed record (another version, a faulty peer) is not a peer here
+                continue
+            if progress.peer_id != mine:
+                epochs.append(progress.epoch)
+        return epochs

@@ -40,6 +40,12 @@ def assert_same_parameters(*processes: MeshProcess) -> dict[str, torch.Tensor]:
     return reference
 
 
+def optimizer_state(process: MeshProcess) -> list[dict]:
+    """The optimizer's state of each parameter in the process's checkpoint (hivemind keeps its epoch beside them)."""
+    state = torch.load(process.checkpoint_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    return [entry for entry in state.values() if isinstance(entry, dict)]
+
+
 def eval_loss(parameters: dict[str, torch.Tensor]) -> float:
     from mesh.tasks import load_task
 
@@ -170,6 +176,36 @@ def test_survivors_keep_training_after_a_peer_is_killed(bootstrap: str, mesh_pro
         assert wait_exit(peer, 240) == 0, peer.output()[-3000:]
         assert peer.status()["epoch"] == total > killed_at + 2
     assert_same_parameters(*survivors)
+
+
+def test_a_member_behind_at_the_end_ends_with_the_others(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """At --max-epochs no later round would bring apart members together again. Peer b stalls (its loop waits, its
+    helpers keep reporting) through a's last epoch: a's last rounds go without it, a finishes and waits in a final
+    parameter round, and b, let go, averages with it once it reaches that epoch too. Both leave with one state."""
+    last, stall = 4, tmp_path / "stall"
+    # AdamW: its statistics must end equal too (a resumed run steps with them)
+    common = ("--max-epochs", str(last), "--min-peers", "2", "--optimizer", "adamw", "--averaging-timeout", "5")
+    spec = "tests.integration.stall_task:task"
+    a = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, *common, task=spec))
+    b = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, *common, task=spec), env={"TEST_STALL_FILE": str(stall)})
+    a.wait_epoch(last - 1, timeout=150)
+    stall.touch()
+    try:
+        a.wait_for(lambda: a.proc.poll() is not None or a.status().get("state") == "finishing", 60, "a finishing or gone")
+    finally:
+        stall.unlink()
+    for peer in (a, b):
+        assert wait_exit(peer, 120) == 0, peer.output()[-3000:]
+    assert b.status()["epoch"] == a.status()["epoch"] == last
+    # a averaged with b in its final round; b either in a's final round through its own last parameter round, or in
+    # its own final round
+    assert a.status()["final_round"] == {"wanted": 2, "group": 2}, a.output()[-3000:]
+    assert b.status()["final_round"] in (None, {"wanted": 2, "group": 2}), b.output()[-3000:]
+    assert_same_parameters(a, b)
+    a_state, b_state = (optimizer_state(peer) for peer in (a, b))
+    assert len(a_state) == len(b_state) == 2  # weight and bias
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert_close([s[name] for s in b_state], [s[name] for s in a_state], rtol=1e-5, atol=1e-7)
 
 
 def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, mesh_procs, tmp_path: Path) -> None:

@@ -146,6 +146,20 @@ def test_progress_tracker_names_the_trainer_uses() -> None:
     assert "self.global_progress.next_fetch_time" in fetcher and "self.global_state_updated.wait" in fetcher
 
 
+def test_what_the_run_end_reads_and_starts() -> None:
+    """MeshOptimizer.finish: the others' epochs from the progress records, a withdrawn record on a graceful leave,
+    and a parameter round of its own through the state averager's pre-scheduled control."""
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+    assert {"peer_id", "epoch"} <= set(LocalTrainingProgress.__fields__)
+    assert "self.training_progress_key" in source(ProgressTracker.__init__)
+    assert "value=None" in source(ProgressTracker.shutdown)  # others stop counting a peer that left
+    assert "scheduled_time" in parameters(TrainingStateAverager.schedule_step)
+    assert {"averaging_round", "averaging_control", "averaging_opts"} <= set(parameters(TrainingStateAverager.step))
+    # LastRoundMixin sits below TrainingStateAverager: its rounds go through the averaging-level step
+    assert "super().step(" in source(TrainingStateAverager.schedule_step) and "super().step(" in source(TrainingStateAverager._do)
+
+
 def test_step_control_stages_the_round_watcher_reads() -> None:
     assert {"AWAITING_TRIGGER", "RUNNING_ALLREDUCE", "FINISHED"} <= set(AveragingStage.__members__)
     for name in ("stage", "triggered", "weight", "done", "result", "cancelled", "exception"):
