@@ -18,7 +18,7 @@ weight known from the exchange. In a standing round the share is folded into the
 into the averaging buffer (:func:`load_scaled_`, the pass hivemind makes anyway to divide by the number of
 accumulation steps), so the all-reduce that follows sums the buffer as it is (``share`` 1); a matched round's buffer
 is loaded before its group is known, so it is scaled by ``share`` on the way:
-- ``none``: an all-reduce (SUM) of ``x·w/W``, in 16 MB chunks.
+- ``none``: an all-reduce (SUM) of ``x·w/W`` (in 16 MB chunks when it scales on the way: :func:`sum_`).
 - ``fp16``: one fp16 all-reduce of ``x·w/W`` (the summands are shares of a mean, so they cannot overflow fp16 the
   way raw ``w·x`` could).
 - ``8bit``: quantized tensors cannot be summed on the wire, so each member all-gathers every member's tensors as
@@ -343,6 +343,18 @@ def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float |
     return [row.tolist() for row in rows]
 
 
+def sum_(group: dist.ProcessGroup, flat: torch.Tensor, share: float = 1.0) -> None:
+    """All-reduce (SUM) ``flat`` in place, each member's multiplied by its ``share`` first. With a share to apply,
+    in 16 MB chunks, chunk k+1 scaled while chunk k is on the wire (the scaling pass cost ~20 % of a 25M all-reduce
+    otherwise); without one, in one collective (against 16 MB chunks: 0.88-0.94 -> 1.01-1.03 of a bare copy-then-SUM
+    in groups of 4 at 25M, ``tests/bench/allreduce.py``, docs/performance.md)."""
+    if share == 1.0:
+        group.allreduce([flat]).wait()
+        return
+    for work in [group.allreduce([chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]:
+        work.wait()
+
+
 def average_(
     group: dist.ProcessGroup,
     tensors: Sequence[torch.Tensor],
@@ -358,10 +370,7 @@ def average_(
 
     Note: the tensors are undefined if a collective fails midway; the caller falls back to its own copy."""
     if compression == "none":
-        # scale chunk k+1 while chunk k is on the wire: the scaling pass costs ~20% of a 25M all-reduce otherwise
-        pending = [group.allreduce([chunk if share == 1.0 else chunk.mul_(share)]) for chunk in flat.split(CHUNK_ELEMENTS)]
-        for work in pending:
-            work.wait()
+        sum_(group, flat, share)
     elif compression == "fp16":
         half = (flat if share == 1.0 else flat.mul(share)).to(torch.float16)
         group.allreduce([half]).wait()
@@ -438,6 +447,5 @@ def clipped_mean_(group: dist.ProcessGroup, flat: torch.Tensor, shares: Sequence
             own.add_(part, alpha=min(1.0, float(bound) / norm) if norm > 0 else 1.0)
     flat[: edges[rank]].zero_()
     flat[edges[rank + 1] :].zero_()
-    for work in [group.allreduce([chunk]) for chunk in flat.split(CHUNK_ELEMENTS)]:
-        work.wait()
+    sum_(group, flat)
     return outliers
