@@ -406,12 +406,16 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         rows = [data for data in gathered.values() if isinstance(data, dict)]
         asked = any(data.get("resync") for data in rows)
         live = max([int(data.get("live") or 0) for data in rows], default=0)
-        self.last_round_complete = len(gathered) >= live
+        everyone = len(gathered) >= live
+        # complete only if nobody asked to resync as well: members then hold different parameters until this
+        # epoch's parameter round, and only one with everyone in it makes the last round complete again
+        # (MeshOptimizer.step); if it fails at the run's end, MeshOptimizer.finish averages once more
+        self.last_round_complete = everyone and not asked
         # the live peers outside this group stepped with another mean (or alone): this group's parameter round
         # below cannot bring them together, so the next group, which may have them, averages parameters.
         # Seen: a late joiner in two groups of 2 at one epoch (one of them with its stale gradient), then every
         # round complete and ok, and one member apart from the others to the end
-        self.resync_wanted = not self.last_round_complete
+        self.resync_wanted = not everyone
         # every member sees the same gathered metadata, so the whole group takes the same decisions: whether to
         # average parameters (in a group of the same size), and whether the next round skips matchmaking
         self.wants_state_averaging = asked or len(gathered) < live

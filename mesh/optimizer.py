@@ -19,6 +19,7 @@ from typing import Any, Callable
 import hivemind
 import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
+from hivemind.utils import get_dht_time
 
 from mesh import epochplan, metrics
 from mesh.admission import Admission
@@ -41,6 +42,7 @@ PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress reports to the
 NEVER = sys.maxsize  # an average_state_every that no epoch reaches
 PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
 LEAVE_WAIT = 5.0  # seconds a leaving member of a standing group waits to tag along in the group's next round
+MIN_FINAL_ATTEMPT = 1.0  # seconds: a final parameter round (MeshOptimizer.finish) is not tried in less
 
 
 def make_compression(name: str) -> hivemind.compression.CompressionBase:
@@ -347,18 +349,26 @@ class MeshOptimizer(hivemind.Optimizer):
         if averager is None or averager.last_round_complete:
             return None
         deadline = time.monotonic() + timeout
+        matchmaking = float(self.state_averager.matchmaking_kwargs["min_matchmaking_time"])
         result = None
         # a member still behind joins here through its own epoch's parameter round (its gradient round, without
         # the finished ones, fails: hivemind then averages parameters in the same averager), or its final round
-        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        while time.monotonic() < deadline - MIN_FINAL_ATTEMPT and not (stop is not None and stop.is_set()):
             others = self.tracker.others_epochs()  # a peer that left gracefully has withdrawn its record
             if not others:
                 break
             wanted = len(others) + 1
             attempt = min(deadline - time.monotonic(), self.averaging_timeout)
             self.state_averager.set_target_group_size(wanted)
-            control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=attempt)
+            # the round starts within the attempt: hivemind asserts that its start (by default now + the
+            # matchmaking time) is before its deadline, which a last, shorter attempt would not meet
+            start = get_dht_time() + min(matchmaking, attempt / 2)
+            control = self.state_averager.schedule_step(scheduled_time=start, gather=self.local_epoch, timeout=attempt)
+            watcher = threading.Thread(target=_cancel_on_stop, args=(control, stop, attempt), daemon=True)
+            watcher.start()
             self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts={"timeout": attempt})
+            if not control.done():  # timed out waiting: no round of this attempt may go on writing parameters
+                control.cancel()
             group = self.state_averager.take_round_size() or 0  # 0: failed (hivemind logged why)
             result = {"wanted": wanted, "group": group}
             logger.info("final parameter round epoch=%d group=%d of %d", self.local_epoch, group, wanted)
@@ -409,6 +419,13 @@ class MeshOptimizer(hivemind.Optimizer):
         self.state_averager._update_scheduler()
 
     state_downloads: int = 0
+
+
+def _cancel_on_stop(control: Any, stop: threading.Event | None, timeout: float) -> None:
+    """Cancel a final parameter round (:meth:`MeshOptimizer.finish`) when ``stop`` is set within ``timeout``: a
+    SIGTERM then ends the wait for the group at once, not after the attempt's timeout."""
+    if stop is not None and stop.wait(timeout) and not control.done():
+        control.cancel()
 
 
 def make_run_optimizer(

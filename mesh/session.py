@@ -92,7 +92,7 @@ class Progress:
     refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
     # at max_epochs, the parameter round with every live peer after a last round without them all (MeshOptimizer.finish):
     # {"wanted": members, "group": those in it}; None when none was needed
-    final_round: dict[str, int] | None = None
+    final_round: dict[str, Any] | None = None  # {"error": why} when it raised
     _epoch_first_step: int = 0
     _epoch_losses: list[Any] = field(default_factory=list)  # reported losses (tensors: summed once an epoch)
     _epoch_started: float = field(default_factory=time.monotonic)
@@ -765,7 +765,11 @@ class Peer:
             self.write_status(state="finishing")
             # the others that were in no complete round with this peer at the end wait for each other, then average
             record = self.record
-            self.progress.final_round = self.opt.finish(2 * record.averaging_timeout + record.matchmaking_time, self.stop)
+            try:
+                self.progress.final_round = self.opt.finish(2 * record.averaging_timeout + record.matchmaking_time, self.stop)
+            except Exception as err:  # the leave goes on: the checkpoint holds this peer's own state
+                logger.warning("final parameter round failed: %s: %s", type(err).__name__, err)
+                self.progress.final_round = {"error": f"{type(err).__name__}: {err}"}
         if self.opt is not None:
             self.log_progress()
             logger.info("leaving run=%s reason=%s epoch=%d", self.config.run, self.reason, self.opt.local_epoch)

@@ -208,6 +208,31 @@ def test_a_member_behind_at_the_end_ends_with_the_others(bootstrap: str, mesh_pr
         assert_close([s[name] for s in b_state], [s[name] for s in a_state], rtol=1e-5, atol=1e-7)
 
 
+def test_a_member_gone_quiet_at_the_end_costs_the_final_round_its_bound_and_no_more(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    """The other side of the run's end: b stalls through a's last epoch and stays stalled. a's final parameter
+    rounds find nobody for their whole bound (2 averaging timeouts + the matchmaking time, here 3 + 3 + 2 s: the
+    last attempt is shorter than hivemind's default start, the matchmaking time, which raised before), then a
+    leaves as usual: its checkpoint and status written, exit 0. b, let go, trains on alone to its own end."""
+    last, stall = 3, tmp_path / "stall"
+    common = ("--max-epochs", str(last), "--min-peers", "2", "--averaging-timeout", "3", "--matchmaking-time", "2")
+    spec = "tests.integration.stall_task:task"
+    a = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, *common, task=spec))
+    b = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, *common, task=spec), env={"TEST_STALL_FILE": str(stall)})
+    a.wait_epoch(last - 1, timeout=150)
+    stall.touch()
+    try:
+        assert wait_exit(a, 90) == 0, a.output()[-3000:]
+    finally:
+        stall.unlink()
+    status = a.status()
+    assert status["state"] == "left" and status["epoch"] == last, status
+    assert status["final_round"] == {"wanted": 2, "group": 0}, a.output()[-3000:]
+    assert "final parameter round failed" not in a.output()
+    assert (a.checkpoint_dir / "checkpoint.pt").exists()
+    assert wait_exit(b, 120) == 0, b.output()[-3000:]
+    assert b.status()["epoch"] == last
+
+
 def test_sigterm_leaves_within_the_bound_and_stops_its_daemon(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--shutdown-timeout", "15"))
     peer.wait_epoch(1, timeout=120)
