@@ -178,6 +178,17 @@ def test_survivors_keep_training_after_a_peer_is_killed(bootstrap: str, mesh_pro
     assert_same_parameters(*survivors)
 
 
+def stall_at_the_end(bootstrap: str, mesh_procs, tmp_path: Path, stall: Path, last: int, *args: str) -> tuple[MeshProcess, MeshProcess]:
+    """Peers a and b on the stall task (tests/integration/stall_task.py); b's loop stalls from the moment a reaches
+    epoch ``last - 1`` while ``stall`` exists (the caller removes it)."""
+    spec = "tests.integration.stall_task:task"
+    a = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, *args, task=spec))
+    b = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, *args, task=spec), env={"TEST_STALL_FILE": str(stall)})
+    a.wait_epoch(last - 1, timeout=150)
+    stall.touch()
+    return a, b
+
+
 def test_a_member_behind_at_the_end_ends_with_the_others(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     """At --max-epochs no later round would bring apart members together again. Peer b stalls (its loop waits, its
     helpers keep reporting) through a's last epoch: a's last rounds go without it, a finishes and waits in a final
@@ -185,11 +196,7 @@ def test_a_member_behind_at_the_end_ends_with_the_others(bootstrap: str, mesh_pr
     last, stall = 4, tmp_path / "stall"
     # AdamW: its statistics must end equal too (a resumed run steps with them)
     common = ("--max-epochs", str(last), "--min-peers", "2", "--optimizer", "adamw", "--averaging-timeout", "5")
-    spec = "tests.integration.stall_task:task"
-    a = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, *common, task=spec))
-    b = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, *common, task=spec), env={"TEST_STALL_FILE": str(stall)})
-    a.wait_epoch(last - 1, timeout=150)
-    stall.touch()
+    a, b = stall_at_the_end(bootstrap, mesh_procs, tmp_path, stall, last, *common)
     try:
         a.wait_for(lambda: a.proc.poll() is not None or a.status().get("state") == "finishing", 60, "a finishing or gone")
     finally:
@@ -215,11 +222,7 @@ def test_a_member_gone_quiet_at_the_end_costs_the_final_round_its_bound_and_no_m
     leaves as usual: its checkpoint and status written, exit 0. b, let go, trains on alone to its own end."""
     last, stall = 3, tmp_path / "stall"
     common = ("--max-epochs", str(last), "--min-peers", "2", "--averaging-timeout", "3", "--matchmaking-time", "2")
-    spec = "tests.integration.stall_task:task"
-    a = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, *common, task=spec))
-    b = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, *common, task=spec), env={"TEST_STALL_FILE": str(stall)})
-    a.wait_epoch(last - 1, timeout=150)
-    stall.touch()
+    a, b = stall_at_the_end(bootstrap, mesh_procs, tmp_path, stall, last, *common)
     try:
         assert wait_exit(a, 90) == 0, a.output()[-3000:]
     finally:
