@@ -351,8 +351,6 @@ class MeshOptimizer(hivemind.Optimizer):
         deadline = time.monotonic() + timeout
         matchmaking = float(self.state_averager.matchmaking_kwargs["min_matchmaking_time"])
         result = None
-        # a member still behind joins here through its own epoch's parameter round (its gradient round, without
-        # the finished ones, fails: hivemind then averages parameters in the same averager), or its final round
         while time.monotonic() < deadline - MIN_FINAL_ATTEMPT and not (stop is not None and stop.is_set()):
             others = self.tracker.others_epochs()  # a peer that left gracefully has withdrawn its record
             if not others:
