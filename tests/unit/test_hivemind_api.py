@@ -158,6 +158,10 @@ def test_what_the_run_end_reads_and_starts() -> None:
     assert {"averaging_round", "averaging_control", "averaging_opts"} <= set(parameters(TrainingStateAverager.step))
     # LastRoundMixin sits below TrainingStateAverager: its rounds go through the averaging-level step
     assert "super().step(" in source(TrainingStateAverager.schedule_step) and "super().step(" in source(TrainingStateAverager._do)
+    # finish schedules each attempt's start inside it: hivemind asserts the start falls before the deadline, and its
+    # default start is now + the matchmaking time, which finish reads from here
+    assert "assert scheduled_time < deadline" in source(DecentralizedAverager.step)
+    assert "min_matchmaking_time=min_matchmaking_time" in source(DecentralizedAverager.__init__)
 
 
 def test_step_control_stages_the_round_watcher_reads() -> None:
