@@ -191,6 +191,18 @@ def parameters_agree(gathered: dict) -> bool:
     return all(isinstance(d, float) and math.isfinite(d) for d in digests) and len(set(digests)) == 1
 
 
+def current_weights(weights: list[float], epochs: list[int | None]) -> list[float]:
+    """The members' weights in a round, with every member behind the group's epoch (the newest among the members
+    with weight) left out: its contribution was computed on parameters an epoch or more old (a late joiner still
+    catching up, a member whose view of the swarm's epoch lagged), and would pull the mean back. hivemind.Optimizer
+    likewise drops a peer's batch while it is behind the swarm. A member that publishes no epoch keeps its weight;
+    if leaving the others out would leave no weight at all, the weights stay as they are. Every member of a round
+    computes this from the same table, so all apply the same weights."""
+    newest = max((e for w, e in zip(weights, epochs) if w > 0 and e is not None), default=None)
+    current = [0.0 if newest is not None and e is not None and e < newest else float(w) for w, e in zip(weights, epochs)]
+    return current if sum(current) > 0 else [float(w) for w in weights]
+
+
 def settled(gathered: dict) -> bool:
     """Whether a round's group was settled: every live peer in, all in one epoch, nobody new, drifted or leaving.
     Every member sees the same metadata, so all members decide alike."""
@@ -227,6 +239,7 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         self.aggregation = aggregation
         self.clipped_outliers = 0  # contributions far above the group's median (dataplane.OUTLIER_FACTOR)
         self.unbounded_steps_skipped = 0  # clipped: epochs whose round failed, stepped with no gradient instead
+        self.behind_rounds = 0  # rounds this member joined behind the group's epoch: its contribution left out
         self._timeout = kwargs.get("allreduce_timeout") or 30.0
         # the averaged gradients are views of one flat shared buffer: the data plane reduces it in place
         self._flat = None
@@ -404,6 +417,10 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
             return
         self._record("ok", len(gathered))
         rows = [data for data in gathered.values() if isinstance(data, dict)]
+        epochs = [data.get("epoch") for data in rows if isinstance(data.get("epoch"), int)]
+        mine = (gathered.get(self.peer_id) or {}).get("epoch")
+        if isinstance(mine, int) and mine < max(epochs, default=mine):
+            self.behind_rounds += 1  # this round averaged the others' contributions only (current_weights)
         asked = any(data.get("resync") for data in rows)
         live = max([int(data.get("live") or 0) for data in rows], default=0)
         everyone = len(gathered) >= live
@@ -528,15 +545,16 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         try:
             with self.get_tensors() as tensors:
                 rows = dataplane.exchange(group, self._row(round_.weight), self.arrival_timeout())
-                total = sum(row[0] for row in rows)
+                weights = current_weights([row[0] for row in rows], [decode_row(row)["epoch"] for row in rows])
+                mine, total = weights[group.rank()], sum(weights)
                 if total > 0:  # else every member tagged along with weight 0: nothing to average
                     stage = "nccl" if on_gpu else "gloo"
                     if on_gpu:
-                        self._average_on_gpu(nccl, tensors, round_, round_.weight / total)
+                        self._average_on_gpu(nccl, tensors, round_, mine / total)
                     elif self.aggregation == "clipped":
-                        self._clipped(group, tensors, round_, [row[0] / total for row in rows])
+                        self._clipped(group, tensors, round_, [weight / total for weight in weights])
                     else:
-                        self._average(group, tensors, self._flat, round_, round_.weight / total)
+                        self._average(group, tensors, self._flat, round_, mine / total)
         except Exception as err:
             self._groups.drop()  # the next group with this member builds a fresh process group
             if stage == "nccl":  # offer gloo only for a while: NCCL may be what fails here
@@ -596,10 +614,21 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any):
         self.check_group(group_info)  # the run's admission: every member holds a valid ticket
-        usable, gathered = self._members(group_info) if self.data_plane_host is not None else (False, {})
+        usable, gathered = self._members(group_info)
+        usable = usable and self.data_plane_host is not None
         if not usable and self.aggregation == "clipped":  # hivemind's all-reduce has no clipping: no round
             raise MatchmakingException("--aggregation clipped: a member of this group is not on the data plane")
         if not usable:
+            # each sender's weight travels with its parts: a member behind the group's epoch leaves itself out
+            # (current_weights; every member of a gradient round here has weight, its samples)
+            peers = list(gathered)
+            epochs = [data.get("epoch") if isinstance(data, dict) else None for data in gathered.values()]
+            epochs = [epoch if isinstance(epoch, int) else None for epoch in epochs]
+            weight = float(kwargs.get("weight") or 0.0)
+            weights = current_weights([weight if peer == self.peer_id else 1.0 for peer in peers], epochs)
+            if weight > 0 and weights[peers.index(self.peer_id)] == 0:
+                kwargs["weight"] = 0.0
+                logger.info("behind the group's epoch: this round averages the others' contributions only")
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         # hivemind registers each group for its own all-reduce runner, which this round does not use: mark it
         # settled, or hivemind warns that the group "did not finish"

@@ -65,6 +65,11 @@ unbounded_steps_skipped = Counter(
     "--aggregation clipped: epochs whose round failed without the group, stepped with no gradient instead of the local one",
     ["run"],
 )
+behind_rounds = Counter(
+    "mesh_peer_behind_rounds_total",
+    "Gradient rounds this peer joined behind the group's epoch: its stale contribution was left out of the mean",
+    ["run"],
+)
 refused = Counter(
     "mesh_peer_refused_total",
     "Requests, group members, records and states refused by the run's admission (docs/security.md), by reason",
@@ -169,6 +174,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         state_rounds_skipped,
         clipped_outliers,
         unbounded_steps_skipped,
+        behind_rounds,
         outer_steps,
         tcp_sent_bytes,
         tcp_received_bytes,

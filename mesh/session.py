@@ -89,6 +89,7 @@ class Progress:
     tcp_received_bytes: int = 0
     clipped_outliers: int = 0  # --aggregation clipped: contributions far above the group's median
     unbounded_steps_skipped: int = 0  # --aggregation clipped: failed rounds stepped with no gradient
+    behind_rounds: int = 0  # rounds joined behind the group's epoch: this peer's stale gradient left out
     refused: dict[str, int] = field(default_factory=dict)  # admission refusals by reason (mesh/admission.py)
     # at max_epochs, the parameter round with every live peer after a last round without them all (MeshOptimizer.finish):
     # {"wanted": members, "group": those in it}; None when none was needed
@@ -112,6 +113,7 @@ _AVERAGER_COUNTERS = (
     ("state_rounds_skipped", metrics.state_rounds_skipped),
     ("clipped_outliers", metrics.clipped_outliers),
     ("unbounded_steps_skipped", metrics.unbounded_steps_skipped),
+    ("behind_rounds", metrics.behind_rounds),
 )
 
 

@@ -43,6 +43,7 @@ class Member:
         timeout: float = 10.0,
         epochs: bool = False,
         aggregation: str = "mean",
+        data_plane: bool = True,
     ) -> None:
         self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
         stack.callback(self.dht.shutdown)
@@ -54,7 +55,7 @@ class Member:
             run_id="dataplane",
             compression_name=compression,
             compression=make_compression(compression),
-            data_plane_host="127.0.0.1",
+            data_plane_host="127.0.0.1" if data_plane else None,
             start=True,
             min_matchmaking_time=3.0,
             request_timeout=1.0,
@@ -65,8 +66,9 @@ class Member:
         self.seed = 100 * index
         self.scale = 1.0  # a faulty member's gradients are this many times too large
         self.round = 0
+        self.behind = 0  # epochs this member's published epoch lags its rounds (a late joiner catching up)
         if epochs:  # what a trainer publishes: with them, a settled group's next round skips matchmaking
-            self.averager.local_epoch = lambda: self.round
+            self.averager.local_epoch = lambda: self.round - self.behind
             self.averager.local_rate = lambda: 100.0
 
     def gradients(self, round_: int) -> list[torch.Tensor]:
@@ -176,6 +178,29 @@ def test_clipped_aggregation_bounds_a_faulty_member_and_is_the_clipped_mean() ->
         # each member owns one shard, where the faulty member's part is the one outlier, every round
         assert [m.averager.clipped_outliers for m in members] == [3, 3, 3]
         assert [m.averager.standing_rounds for m in members] == [1] * 3
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["gloo", "hivemind"])
+def test_a_member_behind_the_groups_epoch_is_left_out_of_the_mean(data_plane: bool) -> None:
+    """A member whose epoch lags the group's computed its gradient on parameters an epoch or more old: the round's
+    mean is the others' alone (every member, itself included, gets it), and it counts the round. On the data plane
+    and on hivemind's all-reduce (a group where some member offers no data plane)."""
+    with ExitStack() as stack:
+        members = start_members(3, stack, epochs=True, data_plane=data_plane)
+        weights = [16, 32, 48]
+        run_round(members, 1, weights)
+        for member in members:
+            assert_mean(member.averaged(), weighted_mean(members, 1, weights), "none")
+        members[2].behind = 2
+        run_round(members, 2, weights)
+        for member in members:
+            assert_mean(member.averaged(), weighted_mean(members[:2], 2, weights[:2]), "none")
+        assert [m.averager.behind_rounds for m in members] == [0, 0, 1]
+        members[2].behind = 0  # caught up (a peer takes the newest state): counted in the mean again
+        run_round(members, 3, weights)
+        for member in members:
+            assert_mean(member.averaged(), weighted_mean(members, 3, weights), "none")
+        assert [m.averager.behind_rounds for m in members] == [0, 0, 1]
 
 
 def _victim(initial_peers: list, timeout: float, conn) -> None:

@@ -107,6 +107,18 @@ def test_a_group_is_settled_only_when_complete_in_one_epoch_and_calm() -> None:
     assert len(ROW) == 8
 
 
+def test_members_behind_the_groups_epoch_weigh_nothing() -> None:
+    from mesh.averager import current_weights
+
+    assert current_weights([16, 32, 48], [7, 7, 7]) == [16, 32, 48]
+    assert current_weights([16, 32, 48], [7, 7, 5]) == [16, 32, 0]  # two epochs behind
+    assert current_weights([16, 32, 48], [7, 8, 6]) == [0, 32, 0]  # the group's epoch is the newest
+    assert current_weights([16, 32, 48], [7, None, 6]) == [16, 32, 0]  # no epoch published: kept
+    # the newest among members with weight: a member leaving (weight 0) sets no epoch for the others
+    assert current_weights([16, 0, 48], [7, 9, 7]) == [16, 0, 48]
+    assert current_weights([0, 0], [7, 7]) == [0, 0]  # everyone tagged along: nothing to weigh
+
+
 def test_parameter_digests_tell_equal_parameters_from_unequal_ones() -> None:
     from mesh.averager import parameter_digest, parameters_agree
 
