@@ -130,7 +130,25 @@ class LastRoundMixin(DecentralizedAverager):
             return None
 
 
-class MeshStateAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, LastRoundMixin, AdmittedAverager):
+class LoadedEpochMixin(DecentralizedAverager):
+    """Keeps the epoch of the last state downloaded (and verified: ``AdmittedAverager`` comes after this mixin):
+    ``TrainingStateAverager.load_state_from_peers`` returns nothing, applies a state only if its epoch is not behind
+    the local one, and the caller (hivemind.Optimizer) may then relabel it with the swarm's epoch."""
+
+    loaded_epoch: int | None = None  # None: no state came since the caller last set it to None
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        if loaded is not None:
+            metadata = loaded[0]
+            epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+            self.loaded_epoch = epoch if isinstance(epoch, int) else None
+        return loaded
+
+
+class MeshStateAverager(
+    DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, LastRoundMixin, LoadedEpochMixin, AdmittedAverager
+):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round, the last round's
     size kept, and the run's admission (mesh/admitted.py) on matchmaking, state serving and state downloads."""
 

@@ -8,13 +8,14 @@ The session (mesh/session.py) drives it, and drops a non-finite gradient before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import threading
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import hivemind
 import torch
@@ -42,6 +43,9 @@ PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress reports to the
 NEVER = sys.maxsize  # an average_state_every that no epoch reaches
 PROGRESS_EXPIRATION = 10.0  # seconds a progress report counts (hivemind: 60); idle peers re-report at half that
 LEAVE_WAIT = 5.0  # seconds a leaving member of a standing group waits to tag along in the group's next round
+CATCH_UP_WAIT = 5.0  # seconds a peer whose download was an epoch behind the swarm's waits for one that is not
+CATCH_UP_PAUSE = 0.5  # seconds between those downloads
+STATE_AVERAGER_LOGGER = "hivemind.optim.state_averager"  # TrainingStateAverager's (tests/unit/test_hivemind_api.py)
 MIN_FINAL_ATTEMPT = 1.0  # seconds: a final parameter round (MeshOptimizer.finish) is not tried in less
 
 
@@ -386,10 +390,16 @@ class MeshOptimizer(hivemind.Optimizer):
         if getattr(self, "grad_averager", None) is not None:
             self.grad_averager.leave_standing_group()  # the next round finds its group through matchmaking
         started, before = time.perf_counter(), self.local_epoch
+        self.state_averager.loaded_epoch = None
         super().load_state_from_peers(**kwargs)
+        loaded = self.state_averager.loaded_epoch
+        if loaded is not None and loaded < self.local_epoch:
+            loaded = self._load_the_swarms_epoch(loaded)
         self.sync_scheduler()
         self.share_averaged_statistics()
-        if self.local_epoch != before:
+        # applied: TrainingStateAverager refuses a state behind the local epoch (the epoch may not change: a peer
+        # that ended its round a step ahead of its group's epoch downloads that same epoch)
+        if loaded is not None and loaded >= before:
             if getattr(self, "grad_averager", None) is not None:
                 # the donor's parameters need not be those of the group this peer meets next (after a join and a
                 # leave at once, members stayed apart to the end in CI: every later round ok, none averaged them)
@@ -405,6 +415,37 @@ class MeshOptimizer(hivemind.Optimizer):
             logger.warning("no peer could serve the newest state (epoch %d); retrying", self.tracker.global_epoch)
             time.sleep(1.0)
 
+    def _load_the_swarms_epoch(self, loaded: int) -> int:
+        """hivemind labels a downloaded state one epoch behind the swarm's with the swarm's epoch ("catching up":
+        the donor had not finished its step yet). The parameters are then one step short of the others' while this
+        peer counts the same epochs: its next gradient is not seen as stale, and every later step is applied to
+        parameters a step behind until a parameter round dilutes the gap into everyone's (seen in the admission
+        test: a late joiner took epoch 8 labelled 9). So download again while the donors finish their step, for at
+        most ``CATCH_UP_WAIT`` seconds; a state of the swarm's epoch (or newer) replaces the short one, else
+        hivemind's label stands. Returns the epoch of the state now held."""
+        wanted, deadline = self.local_epoch, time.monotonic() + CATCH_UP_WAIT
+        self.catch_ups += 1
+        while time.monotonic() < deadline:
+            time.sleep(CATCH_UP_PAUSE)
+            self.state_averager.loaded_epoch = None
+            # applied only if not behind the local (relabelled) epoch: TrainingStateAverager refuses older states,
+            # with a warning each time, which here is the expected answer until the donor's step is done
+            with _without(STATE_AVERAGER_LOGGER, "Cowardly refusing"):
+                self.state_averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
+            again = self.state_averager.loaded_epoch
+            if again is not None and again >= wanted:
+                self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+                if self.grad_averager is not None:
+                    self.grad_averager.reset_accumulated_grads_()
+                logger.info("caught up with the swarm's epoch %d: took a state of epoch %d", wanted, again)
+                return again
+        self.catch_ups_short += 1
+        logger.info("no donor served the swarm's epoch %d within %.0fs: keeping the state of epoch %d", wanted, CATCH_UP_WAIT, loaded)
+        return loaded
+
+    catch_ups = 0  # downloads hivemind relabelled with the swarm's epoch (one epoch newer than the state)
+    catch_ups_short = 0  # of those, where no donor served the swarm's epoch in time: parameters a step short
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.sync_scheduler()
@@ -417,6 +458,21 @@ class MeshOptimizer(hivemind.Optimizer):
         self.state_averager._update_scheduler()
 
     state_downloads: int = 0
+
+
+@contextlib.contextmanager
+def _without(logger_name: str, text: str) -> Iterator[None]:
+    """Drop the records of logger ``logger_name`` that contain ``text`` while inside."""
+    target = logging.getLogger(logger_name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
 
 
 def _cancel_on_stop(control: Any, stop: threading.Event | None, timeout: float) -> None:

@@ -77,6 +77,7 @@ class Progress:
     rounds: dict[str, int] = field(default_factory=dict)
     nonfinite_skips: int = 0
     state_downloads: int = 0
+    short_state_downloads: int = 0  # downloads an epoch behind the swarm's that no newer one replaced in time
     data_plane_builds: int = 0
     data_plane_fallbacks: int = 0
     standing_rounds: int = 0  # ok rounds in a standing group (no matchmaking)
@@ -520,6 +521,7 @@ class Peer:
         p.last_group_size = opt.last_group_size
         p.rounds = dict(opt.rounds)
         p.state_downloads = opt.state_downloads
+        p.short_state_downloads = opt.catch_ups_short
         averager = opt.grad_averager
         if averager is not None:  # counted by the averager; brought to this process's metrics here
             for name, counter in _AVERAGER_COUNTERS:

@@ -255,3 +255,21 @@ def test_the_scheduler_catch_up_the_optimizer_repeats_where_hivemind_sets_the_ep
     assert "while self.scheduler._step_count <= self.local_epoch" in source(TrainingStateAverager._update_scheduler)
     assert "self.state_averager.local_epoch = self.tracker.global_epoch" in source(hivemind.Optimizer.load_state_from_peers)
     assert "self.state_averager.local_epoch = state_dict" in source(hivemind.Optimizer.load_state_dict)
+
+
+def test_what_the_catch_up_to_the_swarms_epoch_relies_on() -> None:
+    # MeshOptimizer._load_the_swarms_epoch: hivemind relabels a state one epoch behind with the swarm's epoch; the
+    # state averager applies a downloaded state only if it is not behind the local epoch (else warns, on this logger)
+    # and takes the epoch from the state's metadata, which DecentralizedAverager.load_state_from_peers returns
+    import hivemind.optim.state_averager as state_averager_module
+
+    from mesh.optimizer import STATE_AVERAGER_LOGGER
+
+    relabel = source(hivemind.Optimizer.load_state_from_peers)
+    assert "if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:" in relabel
+    load = source(TrainingStateAverager.load_state_from_peers)
+    assert 'metadata["epoch"] < self.local_epoch' in load and "Cowardly refusing" in load
+    assert 'self.local_epoch = metadata["epoch"]' in load
+    assert "metadata, flat_tensors = loaded_state" in load
+    assert state_averager_module.logger.name == STATE_AVERAGER_LOGGER
+    assert parameters(DecentralizedAverager.load_state_from_peers) == ["self", "wait", "timeout"]
