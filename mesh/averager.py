@@ -164,6 +164,7 @@ class Match:
 # a member's row in a round's exchange (float64 each); "resync" and "leaving" are 0 or 1, "epoch" -1 when unknown,
 # "params" a digest of the member's parameters when the round checks them (parameter_digest), else NaN
 ROW = ("weight", "epoch", "rate", "batch", "live", "resync", "leaving", "params")
+STALE_WEIGHT_FACTOR = 2.0**-30  # hivemind's all-reduce: a member behind the group's epoch weighs this much of itself
 PAUSE_AFTER_FAILED_BUILD = 10  # rounds on hivemind's all-reduce after a process group could not be built
 
 
@@ -524,8 +525,11 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
         """A round whose group hivemind's matchmaking found: average on its process group (built or reused)."""
         assert round_.inner is not None
         match = round_.inner.result(self._timeout)
-        if not isinstance(match, Match):
-            return match  # some member has no data plane: hivemind's all-reduce averaged in the averager's process
+        if not isinstance(match, Match):  # some member has no data plane: hivemind's all-reduce averaged already
+            with self.get_tensors() as tensors:
+                if not dataplane.finite(tensors):
+                    raise MatchmakingException("hivemind's all-reduce gave non-finite values; the round fails")
+            return match
         members = [(peer.to_bytes(), dataplane.Endpoint.from_wire(data["dp"])) for peer, data in match.gathered.items()]
         builds = self._groups.builds
         try:
@@ -573,6 +577,9 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
                         self._clipped(group, tensors, round_, [weight / total for weight in weights])
                     else:
                         self._average(group, tensors, self._flat, round_, mine / total)
+                    stage = "result"
+                    if not dataplane.finite([self._flat]):  # a NaN or inf applied would stay in everyone's parameters
+                        raise ValueError("the mean is not finite")
         except Exception as err:
             self._groups.drop()  # the next group with this member builds a fresh process group
             if stage == "nccl":  # offer gloo only for a while: NCCL may be what fails here
@@ -645,7 +652,9 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
             weight = float(kwargs.get("weight") or 0.0)
             weights = current_weights([weight if peer == self.peer_id else 1.0 for peer in peers], epochs)
             if weight > 0 and weights[peers.index(self.peer_id)] == 0:
-                kwargs["weight"] = 0.0
+                # not 0: the others' weights are unknown here, and one of them may be 0 too (hivemind tags along
+                # with weight 0 while it downloads state); all zero, hivemind's mean is 0/0, NaN for the group
+                kwargs["weight"] = weight * STALE_WEIGHT_FACTOR
                 logger.info("behind the group's epoch: this round averages the others' contributions only")
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         # hivemind registers each group for its own all-reduce runner, which this round does not use: mark it

@@ -331,6 +331,15 @@ def load_difference_(
                 view.mul_(scale)
 
 
+def finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite, in one read of each (no temporaries): a sum is NaN or ±inf if
+    any summand is (or if finite values sum beyond float32's range, which counts as non-finite too). Summed in
+    float32 whatever the dtype. Note: a CPU-GPU sync point on CUDA."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
+
+
 def exchange(group: dist.ProcessGroup, values: Sequence[float], timeout: float | None = None) -> list[list[float]]:
     """Every member's ``values`` (the same length on every member), in rank order: one all-gather, which waits for
     the last member at most ``timeout`` seconds (else the group's own timeout); past it, it raises."""

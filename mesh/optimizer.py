@@ -22,7 +22,7 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
 from hivemind.utils import get_dht_time
 
-from mesh import epochplan, metrics
+from mesh import dataplane, epochplan, metrics
 from mesh.admission import Admission
 from mesh.averager import MeshGradientAverager, MeshStateAverager
 from mesh.diloco import PseudoGradientAverager, outer_optimizer_factory, outer_statistics
@@ -132,10 +132,7 @@ def gradients_finite(model: torch.nn.Module) -> bool:
     A gradient whose finite values sum beyond float32's range (~3.4e38) also counts as non-finite; a step with it
     would be no better. Half-precision gradients are summed in float32, so they overflow only where float32 does.
     Note: a CPU-GPU sync point on CUDA."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all())
+    return dataplane.finite([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def nccl_device(device: torch.device) -> torch.device | None:

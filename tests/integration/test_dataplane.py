@@ -203,6 +203,28 @@ def test_a_member_behind_the_groups_epoch_is_left_out_of_the_mean(data_plane: bo
         assert [m.averager.behind_rounds for m in members] == [0, 0, 1]
 
 
+@pytest.mark.parametrize("data_plane", [True, False], ids=["gloo", "hivemind"])
+def test_a_member_behind_with_only_a_weightless_member_ahead_keeps_its_own_gradient(data_plane: bool) -> None:
+    """The member ahead tags along with weight 0 (as hivemind does while it downloads state): leaving the member
+    behind out as well would leave no weight at all (hivemind's mean would be 0/0, NaN for both); its own gradient
+    is then the round's mean."""
+    with ExitStack() as stack:
+        members = start_members(2, stack, epochs=True, data_plane=data_plane)
+        members[0].behind = 1
+        controls = []
+        for member, samples, weight in zip(members, (16, 16), (None, 0.0)):
+            member.round = 2
+            for param, grad in zip(member.params, member.gradients(2)):
+                param.grad = grad.clone()
+            member.averager.accumulate_grads_(batch_size=samples)
+            member.averager.set_target_group_size(2)
+            controls.append(member.averager.step(weight=weight, wait=False, timeout=30))
+        gathered = finish_round(members, controls)
+        assert all(len(g) == 2 for g in gathered), gathered
+        for member in members:
+            assert_mean(member.averaged(), members[0].gradients(2), "none")
+
+
 def _victim(initial_peers: list, timeout: float, conn) -> None:
     """A member in its own process (spawned): rounds on command, then dies by the test's SIGKILL."""
     mp.set_start_method("fork", force=True)  # hivemind forks its helpers, as in a peer (spawn is this process's default)
