@@ -282,6 +282,9 @@ class PeerConfig(RunDefaults, LogConfig, NetworkConfig):
     """Testing aid: each local step takes at least this many seconds (stands in for a slower model or device)."""
     fault_nan_step: int | None = None
     """Testing aid: make the local gradient NaN at this local step (it must be skipped, never sent)."""
+    fault_nan_parameters_step: int | None = None
+    """Testing aid: overwrite this peer's parameters with NaN before this local step (a local fault: the peer must
+    take the run's state from its peers, or end with one line when none has a finite one)."""
     fault_gradient_scale: float | None = None
     """Testing aid: multiply every local gradient by this factor (a faulty peer, for --aggregation clipped)."""
     coordinator: str | None = None

@@ -117,6 +117,9 @@ pseudo_gradient_norm = Gauge(
 )
 inner_steps = Gauge("mesh_peer_inner_steps_per_outer_step", "--averaging diloco: this peer's local steps in the last outer step", ["run"])
 nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local batches dropped for a NaN/inf gradient", ["run"])
+parameter_recoveries = Counter(
+    "mesh_peer_parameter_recoveries_total", "Times this peer's parameters were not finite and it took the run's state from peers", ["run"]
+)
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
 state_download_duration = Histogram(
     "mesh_peer_state_download_duration_seconds", "Duration of a state download from peers", ["run"], buckets=DURATION_BUCKETS
@@ -166,6 +169,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         averaging_sent_bytes,
         averaging_received_bytes,
         nonfinite_skips,
+        parameter_recoveries,
         state_downloads,
         data_plane_builds,
         data_plane_fallbacks,

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from mesh import atomicfile, checkpoint, httpserve, lifecycle, logs, metrics
+from mesh import atomicfile, checkpoint, dataplane, httpserve, lifecycle, logs, metrics
 from mesh.admission import Admission
 from mesh.averager import parameter_digest
 from mesh.config import PeerConfig, RunDefaults, describe, resolve
@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 # the run settings a coordinator's run carries (api.models.Hyperparameters, the same names), read from it and reported
 # to it: every run setting, so that a new one cannot be left out
 HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(RunDefaults))
+NONFINITE_STREAK = 3  # non-finite gradients in a row after which the parameters themselves are checked
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Progress:
     last_group_size: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
     nonfinite_skips: int = 0
+    parameter_recoveries: int = 0  # times this peer's parameters were not finite and it took the run's state instead
     state_downloads: int = 0
     short_state_downloads: int = 0  # downloads an epoch behind the swarm's that no newer one replaced in time
     data_plane_builds: int = 0
@@ -174,6 +176,7 @@ class Peer:
         self._batches: Batches | None = None
         self._data_state: dict | None = None  # a checkpoint's data position, for the batches not yet made
         self._last_batch_size: int | None = None
+        self._nonfinite_streak = 0  # non-finite gradients in a row
         self._step_started = time.perf_counter()
         self._epoch_times: list[float] = []
         self._threads: list[tuple[str, Callable[[], None]]] = []
@@ -462,7 +465,11 @@ class Peer:
             p.nonfinite_skips += 1
             metrics.nonfinite_skips.labels(run).inc()
             logger.warning("dropped non-finite gradient step=%d epoch=%d", p.local_steps, self.opt.local_epoch)
+            self._nonfinite_streak += 1
+            if self._nonfinite_streak % NONFINITE_STREAK == 0:
+                self._recover_parameters()
             return False
+        self._nonfinite_streak = 0
         size = batch_size or self._last_batch_size or self.record.batch_size
         if self.config.min_step_time is not None:  # a testing aid: a step as slow as a real model's
             time.sleep(max(0.0, self.config.min_step_time - (time.perf_counter() - self._step_started)))
@@ -476,6 +483,34 @@ class Peer:
         if self.opt.local_epoch != p.epoch:
             self._on_new_epoch()
         return True
+
+    def _recover_parameters(self) -> None:
+        """After ``NONFINITE_STREAK`` non-finite gradients in a row: if the parameters themselves are not finite, no
+        gradient will be again, and the peer would drop every step for good. Nothing averaged brings a NaN (each
+        round's mean is checked), so this is local (a fault, a divergence): take the run's state from the live
+        peers, or, when none has a finite one, end with one line (the run diverged); the last checkpoint is kept."""
+        assert self.opt is not None and self.record is not None and self._model is not None
+        if self.parameters_finite():
+            return
+        opt, p = self.opt, self.progress
+        logger.warning("parameters are not finite step=%d epoch=%d; taking the run's state from peers", p.local_steps, opt.local_epoch)
+        sharing = opt.state_averager.allow_state_sharing
+        opt.state_averager.allow_state_sharing = False  # nobody downloads these meanwhile
+        opt.load_state_from_peers()
+        opt.zero_grad()
+        if not self.parameters_finite():
+            raise RunError(
+                f"this peer's parameters are not finite (since local step {p.local_steps - self._nonfinite_streak + 1} or "
+                f"before) and no live peer of run {self.record.run_id!r} served a finite state: the run diverged; "
+                "start it again from its last checkpoint with a lower --lr or with --clip-grad-norm"
+            )
+        opt.state_averager.allow_state_sharing = sharing
+        p.parameter_recoveries += 1
+        metrics.parameter_recoveries.labels(self.record.run_id).inc()
+        logger.info("parameters finite again: took the run's state epoch=%d", opt.local_epoch)
+
+    def parameters_finite(self) -> bool:
+        return self._model is not None and dataplane.finite([param.detach() for param in self._model.parameters()])
 
     def report(self, loss: Any = None, *, eval_loss: float | None = None) -> None:
         """This step's training loss (a tensor is kept as it is, and averaged once an epoch: no device sync per
@@ -643,6 +678,9 @@ class Peer:
 
     def save_checkpoint(self) -> None:
         if self.config.checkpoint_dir is None or self.opt is None or self.record is None or self._model is None:
+            return
+        if not self.parameters_finite():  # a diverged or faulty peer: its last checkpoint stays what a restart loads
+            logger.warning("checkpoint not written: the parameters are not finite; %s keeps the last one", self.config.checkpoint_dir)
             return
         state = {
             "run_id": self.record.run_id,

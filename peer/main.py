@@ -41,9 +41,13 @@ def run(config: PeerConfig) -> int:
         )
         record, steps = peer.record, 0
         for batch in peer.batches(task.make_batches(record.batch_size, peer.data_seed)):
+            steps += 1
+            if config.fault_nan_parameters_step is not None and steps == config.fault_nan_parameters_step:
+                with torch.no_grad():
+                    for param in model.parameters():
+                        param.fill_(float("nan"))
             with peer.autocast:
                 loss = task.loss(model, batch)
-            steps += 1
             if config.fault_nan_step is not None and steps == config.fault_nan_step:
                 loss = loss * float("nan")
             (loss if config.fault_gradient_scale is None else loss * config.fault_gradient_scale).backward()

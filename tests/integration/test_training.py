@@ -293,6 +293,36 @@ def test_nan_gradient_is_never_sent_nor_applied(bootstrap: str, mesh_procs, tmp_
     assert_same_parameters(faulty, healthy)  # includes: every parameter is finite on both peers
 
 
+def test_a_peer_whose_parameters_turn_nan_takes_the_runs_state_and_goes_on(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    from mesh.session import NONFINITE_STREAK
+
+    fault = ("--fault-nan-parameters-step", "40")
+    faulty = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "4", *fault, "--min-peers", "2"))
+    healthy = mesh_procs("b", *peer_args(bootstrap, "b", tmp_path, "--max-epochs", "4", "--min-peers", "2"))
+    for peer in (faulty, healthy):
+        assert wait_exit(peer, 180) == 0, peer.output()[-3000:]
+    status = faulty.status()
+    # every gradient of NaN parameters is NaN: dropped until the streak has the parameters checked, then none
+    assert status["parameter_recoveries"] == 1 and status["nonfinite_skips"] == NONFINITE_STREAK, status
+    assert healthy.status()["parameter_recoveries"] == 0
+    assert f"parameters are not finite step={40 + NONFINITE_STREAK - 1} " in faulty.output()
+    assert_same_parameters(faulty, healthy)  # includes: every parameter is finite on both peers
+
+
+def test_a_peer_alone_with_nan_parameters_ends_with_one_line_and_keeps_its_checkpoint(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
+    # 32 steps an epoch: the parameters turn NaN in epoch 3, after the checkpoint of epoch 2
+    fault = ("--fault-nan-parameters-step", "70")
+    peer = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "5", "--checkpoint-every", "1", *fault))
+    assert wait_exit(peer, 120) == 4, peer.output()[-3000:]
+    out = peer.output()
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    assert "Traceback" not in out and len(errors) == 1, out[-3000:]
+    assert "parameters are not finite" in errors[0] and "diverged" in errors[0] and "--lr" in errors[0], errors[0]
+    saved = torch.load(peer.checkpoint_dir / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 2, saved["epoch"]  # the last finite state, not overwritten by the leave
+    assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
+
+
 def test_checkpoint_resume_continues_from_the_saved_epoch(bootstrap: str, mesh_procs, tmp_path: Path) -> None:
     first = mesh_procs("a", *peer_args(bootstrap, "a", tmp_path, "--max-epochs", "3"))
     assert wait_exit(first, 120) == 0, first.output()[-3000:]
