@@ -494,8 +494,9 @@ class Peer:
             return
         opt, p = self.opt, self.progress
         logger.warning("parameters are not finite step=%d epoch=%d; taking the run's state from peers", p.local_steps, opt.local_epoch)
-        sharing = opt.state_averager.allow_state_sharing
-        opt.state_averager.allow_state_sharing = False  # nobody downloads these meanwhile
+        # its state stays on offer meanwhile: hivemind ranks donors by epoch, and this one's stopped advancing (a
+        # joiner that still takes it gets here too); withdrawing it is a DHT store from the averager's process, which
+        # raced with that process's exit when the peer then ended (a traceback from the DHT process, a hung leave)
         opt.load_state_from_peers()
         opt.zero_grad()
         if not self.parameters_finite():
@@ -504,7 +505,6 @@ class Peer:
                 f"before) and no live peer of run {self.record.run_id!r} served a finite state: the run diverged; "
                 "start it again from its last checkpoint with a lower --lr or with --clip-grad-norm"
             )
-        opt.state_averager.allow_state_sharing = sharing
         p.parameter_recoveries += 1
         metrics.parameter_recoveries.labels(self.record.run_id).inc()
         logger.info("parameters finite again: took the run's state epoch=%d", opt.local_epoch)
