@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -47,7 +47,9 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import enter_asynchronously
 
 from mesh import asyncio_guard, dataplane, metrics
 from mesh.admitted import AdmittedAverager, SignedState
@@ -146,11 +148,73 @@ class LoadedEpochMixin(DecentralizedAverager):
         return loaded
 
 
+class FiniteStateMixin(DecentralizedAverager):
+    """A member never offers a state (parameters, optimizer statistics) that is not finite: a fault, or a local step
+    that diverged (after a failed round, with its own gradient or DiLoCo pseudo-gradient, or in DiLoCo's inner
+    steps). Without this, its NaN or inf went into the next parameter round's mean, hence into every member's
+    parameters, and the whole run ended as diverged; and a joiner could download it.
+
+    - **In a parameter round** it contributes nothing (zeros, weight 0) and takes the mean of the others, which
+      repairs it. The round is run on a scratch copy, so a round that fails leaves its own tensors as they were (the
+      session then takes the run's state from peers); when no member's was finite the mean is 0/0 and each keeps its
+      own (the session then finds no finite state to take: the run diverged).
+    - **To a joiner** asking for the state it answers nothing, as hivemind's averager does when it does not share
+      its state: the joiner asks the next donor.
+
+    Both run in the averager's process, on its shared tensors (the optimizer's own with hivemind's
+    ``reuse_tensors``, the default with an offloaded optimizer, as the mesh runs it). Counted:
+    :attr:`nonfinite_state_withheld`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._withheld = mp.RawArray(ctypes.c_long, 2)  # (parameter rounds, downloads), shared with the averager's process
+        super().__init__(*args, **kwargs)
+
+    @property
+    def nonfinite_state_withheld(self) -> int:
+        """Times this peer's state was not finite and it kept it out of a parameter round or a download."""
+        return int(sum(self._withheld))
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
+    ):
+        if dataplane.finite(tensors):
+            return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        self._withheld[0] += 1
+        logger.warning("this peer's state is not finite: it takes the parameter round's mean and adds nothing to it")
+        scratch = [torch.zeros_like(tensor) for tensor in tensors]
+        await super()._run_allreduce_inplace_(scratch, group_info, group_id, **{**kwargs, "weight": 0.0})
+        if not dataplane.finite(scratch):  # 0/0: no member had a finite state (raising would only have hivemind retry)
+            logger.warning("no member of the parameter round had a finite state: this peer's stays as it is")
+            return
+        for tensor, mean in zip(tensors, scratch):
+            tensor.copy_(mean)
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        async with enter_asynchronously(self.get_tensors()) as tensors:
+            finite = dataplane.finite(tensors)
+        if not finite:
+            self._withheld[1] += 1
+            logger.warning("this peer's state is not finite: not served to %s", context.remote_id)
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+
 class MeshStateAverager(
-    DeclareThrottleMixin, GroupSizeMixin, SignedState, TrainingStateAverager, LastRoundMixin, LoadedEpochMixin, AdmittedAverager
+    DeclareThrottleMixin,
+    GroupSizeMixin,
+    SignedState,
+    FiniteStateMixin,
+    TrainingStateAverager,
+    LastRoundMixin,
+    LoadedEpochMixin,
+    AdmittedAverager,
 ):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round, the last round's
-    size kept, and the run's admission (mesh/admitted.py) on matchmaking, state serving and state downloads."""
+    size kept, a state that is not finite kept out of rounds and downloads, and the run's admission
+    (mesh/admitted.py) on matchmaking, state serving and state downloads."""
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,11 @@ nonfinite_skips = Counter("mesh_peer_nonfinite_gradient_skips_total", "Local bat
 parameter_recoveries = Counter(
     "mesh_peer_parameter_recoveries_total", "Times this peer's parameters were not finite and it took the run's state from peers", ["run"]
 )
+nonfinite_state_withheld = Counter(
+    "mesh_peer_nonfinite_state_withheld_total",
+    "Times this peer's state was not finite and it kept it out of a parameter round (taking the others' mean) or a download",
+    ["run"],
+)
 state_downloads = Counter("mesh_peer_state_downloads_total", "Times this peer loaded the newest state from peers", ["run"])
 state_download_duration = Histogram(
     "mesh_peer_state_download_duration_seconds", "Duration of a state download from peers", ["run"], buckets=DURATION_BUCKETS
@@ -170,6 +175,7 @@ def init_peer(run: str, device: str, gpu: str | None) -> None:
         averaging_received_bytes,
         nonfinite_skips,
         parameter_recoveries,
+        nonfinite_state_withheld,
         state_downloads,
         data_plane_builds,
         data_plane_fallbacks,

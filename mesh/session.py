@@ -78,6 +78,8 @@ class Progress:
     rounds: dict[str, int] = field(default_factory=dict)
     nonfinite_skips: int = 0
     parameter_recoveries: int = 0  # times this peer's parameters were not finite and it took the run's state instead
+    # times its state was not finite and it kept it out of a parameter round (taking the others' mean) or a download
+    nonfinite_state_withheld: int = 0
     state_downloads: int = 0
     short_state_downloads: int = 0  # downloads an epoch behind the swarm's that no newer one replaced in time
     data_plane_builds: int = 0
@@ -561,6 +563,7 @@ class Peer:
         if averager is not None:  # counted by the averager; brought to this process's metrics here
             for name, counter in _AVERAGER_COUNTERS:
                 self._bring(name, getattr(averager, name), counter)
+        self._bring("nonfinite_state_withheld", opt.state_averager.nonfinite_state_withheld, metrics.nonfinite_state_withheld)
         for reason, total in self.admission.refusals().items():  # counted here and in the averagers' processes
             metrics.refused.labels(run, reason).inc(total - p.refused.get(reason, 0))
             p.refused[reason] = total

@@ -273,3 +273,17 @@ def test_what_the_catch_up_to_the_swarms_epoch_relies_on() -> None:
     assert "metadata, flat_tensors = loaded_state" in load
     assert state_averager_module.logger.name == STATE_AVERAGER_LOGGER
     assert parameters(DecentralizedAverager.load_state_from_peers) == ["self", "wait", "timeout"]
+
+
+def test_what_keeps_a_state_that_is_not_finite_out_of_rounds_and_downloads() -> None:
+    """mesh.averager.FiniteStateMixin: the all-reduce of a parameter round runs on the tensors it is given, with the
+    weight it is given (a scratch copy at weight 0); a donor that answers a download with nothing is passed over."""
+    assert parameters(DecentralizedAverager._run_allreduce_inplace_)[:4] == ["self", "tensors", "group_info", "group_id"]
+    run = source(DecentralizedAverager._run_allreduce_inplace_)
+    assert "tensors=tensors" in run and "**kwargs" in run and "tensor.add_(update" in run
+    assert "self._run_allreduce_inplace_(local_tensors, group_info" in source(DecentralizedAverager._aggregate_with_group)
+    assert "weight" in parameters(hivemind.averaging.allreduce.AllReduceRunner.__init__)
+    assert "reuse_tensors = offload_optimizer and not delta_rule_averaging" in source(TrainingStateAverager.__init__)
+    loading = source(DecentralizedAverager._load_state_from_peers)
+    assert "did not send its state" in loading and "continue" in loading
+    assert inspect.isasyncgenfunction(DecentralizedAverager.rpc_download_state)
