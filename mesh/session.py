@@ -215,7 +215,11 @@ class Peer:
             logs.set_context(peer_id=self.peer_id, run=config.run)
             logger.info("dht joined peer_id=%s addrs=%s", self.peer_id, ",".join(visible_maddrs(self.dht)) or "-")
             warn_if_open(self.admission)
-            self.record = fetch_run(self.dht, config.run, admission=self.admission)
+            # a peer that brings a task creates the run when it finds no record, so it looks once: waiting for a record
+            # that a freshly joined node might not see yet cost every new run's first peers 2 s and guarded only a
+            # DHT miss (after publishing, it reads back the copy the DHT settled on, as two peers that create the run
+            # at the same moment do); a peer that can only join gives the DHT a few seconds
+            self.record = fetch_run(self.dht, config.run, attempts=1 if config.task else 3, admission=self.admission)
             torch.manual_seed(self.seed)  # every peer of the run starts from the same parameters
         except BaseException:
             self.leave()
