@@ -27,6 +27,7 @@ by the local gradient) and ``reset_accumulated_grads_`` (the epoch is over).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
@@ -148,6 +149,11 @@ class LoadedEpochMixin(DecentralizedAverager):
         return loaded
 
 
+async def _off_the_loop(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on the event loop's executor: a pass over a large state would stall the averager's RPCs."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
 class FiniteStateMixin(DecentralizedAverager):
     """A member never offers a state (parameters, optimizer statistics) that is not finite: a fault, or a local step
     that diverged (after a failed round, with its own gradient or DiLoCo pseudo-gradient, or in DiLoCo's inner
@@ -177,13 +183,13 @@ class FiniteStateMixin(DecentralizedAverager):
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
     ):
-        if dataplane.finite(tensors):
+        if await _off_the_loop(dataplane.finite, tensors):
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         self._withheld[0] += 1
         logger.warning("this peer's state is not finite: it takes the parameter round's mean and adds nothing to it")
         scratch = [torch.zeros_like(tensor) for tensor in tensors]
         await super()._run_allreduce_inplace_(scratch, group_info, group_id, **{**kwargs, "weight": 0.0})
-        if not dataplane.finite(scratch):  # 0/0: no member had a finite state (raising would only have hivemind retry)
+        if not await _off_the_loop(dataplane.finite, scratch):  # 0/0: no member had a finite state (raising would only have hivemind retry)
             logger.warning("no member of the parameter round had a finite state: this peer's stays as it is")
             return
         for tensor, mean in zip(tensors, scratch):
@@ -193,7 +199,7 @@ class FiniteStateMixin(DecentralizedAverager):
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         async with enter_asynchronously(self.get_tensors()) as tensors:
-            finite = dataplane.finite(tensors)
+            finite = await _off_the_loop(dataplane.finite, tensors)
         if not finite:
             self._withheld[1] += 1
             logger.warning("this peer's state is not finite: not served to %s", context.remote_id)
