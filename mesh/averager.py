@@ -212,11 +212,11 @@ class MeshStateAverager(
     DeclareThrottleMixin,
     GroupSizeMixin,
     SignedState,
-    FiniteStateMixin,
     TrainingStateAverager,
     LastRoundMixin,
     LoadedEpochMixin,
     AdmittedAverager,
+    FiniteStateMixin,  # after the admission: a download request is checked (and counted) as an outsider's first
 ):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round, the last round's
     size kept, a state that is not finite kept out of rounds and downloads, and the run's admission
