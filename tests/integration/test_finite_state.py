@@ -23,28 +23,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SCRIPT = """
 import json, threading, time, warnings
 warnings.simplefilter("ignore")
-import hivemind, torch
 from hivemind.averaging import DecentralizedAverager
-from mesh.admission import Admission
-from mesh.config import PeerConfig
-from mesh.optimizer import make_run_optimizer
-from mesh.runs import new_record
+from tests.integration.optimizer_peers import parameter_values, set_parameters, sgd_record, start_peer
 
-record = new_record("fs", "regression", "0" * 16, PeerConfig(run="fs", task="regression", optimizer="sgd", lr=0.1,
-                                                             matchmaking_time=1.0, averaging_timeout=20.0))
-
-def peer(initial_peers):
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
-    model = torch.nn.Linear(3, 1)
-    opt, _ = make_run_optimizer(dht, record, list(model.parameters()), own_optimizer=None, own_scheduler=None,
-                                admission=Admission("fs"))
-    return dht, opt
-
-def set_params(opt, value):
-    opt.set_optimized_parameters([torch.full_like(p, value) for p in opt.optimized_parameters])
-
-def params(opt):
-    return [v for p in opt.optimized_parameters for v in p.flatten().tolist()]
+record = sgd_record("fs", matchmaking_time=1.0, averaging_timeout=20.0)
 
 def parameter_round(*opts):
     for opt in opts:
@@ -55,33 +37,33 @@ def parameter_round(*opts):
         thread.start()
     for thread in threads:
         thread.join()
-    return {name: params(opt) for name, opt in zip("ab", opts)}
+    return {name: parameter_values(opt) for name, opt in zip("ab", opts)}
 
-a_dht, a = peer([])
-b_dht, b = peer(a_dht.get_visible_maddrs())
+a_dht, a = start_peer(record, [])
+b_dht, b = start_peer(record, a_dht.get_visible_maddrs())
 out = {}
 
 # 1. both finite: the mean
-set_params(a, 1.0); set_params(b, 3.0)
+set_parameters(a, 1.0); set_parameters(b, 3.0)
 out["finite"] = parameter_round(a, b)
 # 2. b's parameters are NaN: a keeps its own (the mean of the finite ones), b takes it
-set_params(a, 5.0); set_params(b, float("nan"))
+set_parameters(a, 5.0); set_parameters(b, float("nan"))
 out["b_nan"] = parameter_round(a, b)
 out["b_nan_withheld"] = [a.state_averager.nonfinite_state_withheld, b.state_averager.nonfinite_state_withheld]
 # 3. both NaN: nothing to take, each keeps its own; no zeros or anything else made up (and no retries to the timeout)
 started = time.monotonic()
-set_params(a, float("nan")); set_params(b, float("nan"))
+set_parameters(a, float("nan")); set_parameters(b, float("nan"))
 out["both_nan"] = parameter_round(a, b)
 out["both_nan_seconds"] = time.monotonic() - started
 
 # 4. a joiner downloads: b (NaN) is the first donor by priority, a (finite, 7.0) the second
-set_params(a, 7.0)
+set_parameters(a, 7.0)
 for opt, priority in ((a, 1.0), (b, 9.0)):  # past the mesh's throttle (DeclareThrottleMixin): declared at once
     DecentralizedAverager.state_sharing_priority.fset(opt.state_averager, priority)
 time.sleep(2.0)  # the declarations reach the DHT
-c_dht, c = peer(a_dht.get_visible_maddrs())
+c_dht, c = start_peer(record, a_dht.get_visible_maddrs())
 c.state_averager.load_state_from_peers(timeout=30)  # applies what it downloaded (hivemind returns nothing)
-out["download"] = params(c)
+out["download"] = parameter_values(c)
 out["download_withheld"] = b.state_averager.nonfinite_state_withheld
 print(json.dumps(out))
 for opt, dht in ((c, c_dht), (b, b_dht), (a, a_dht)):

@@ -21,26 +21,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SCRIPT = """
 import json, threading, time, warnings
 warnings.simplefilter("ignore")
-import hivemind, torch
-from mesh.admission import Admission
-from mesh.config import PeerConfig
-from mesh.optimizer import make_run_optimizer
-from mesh.runs import new_record
+from tests.integration.optimizer_peers import set_parameters, sgd_record, start_peer
 
-record = new_record("dl", "regression", "0" * 16, PeerConfig(run="dl", task="regression", optimizer="sgd", lr=0.1))
-
-def peer(initial_peers):
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
-    model = torch.nn.Linear(3, 1)
-    opt, _ = make_run_optimizer(dht, record, list(model.parameters()), own_optimizer=None, own_scheduler=None,
-                                admission=Admission("dl"))
-    return dht, opt
+record = sgd_record("dl")
 
 def set_state(opt, epoch, value):
     state = opt.state_dict()
     state["state"]["local_epoch"] = epoch
     opt.load_state_dict(state)
-    opt.set_optimized_parameters([torch.full_like(p, value) for p in opt.optimized_parameters])
+    set_parameters(opt, value)
 
 def wait_swarm_epoch(opt, epoch):
     deadline = time.monotonic() + 60
@@ -49,8 +38,8 @@ def wait_swarm_epoch(opt, epoch):
         opt.tracker.refresh()
         time.sleep(0.2)
 
-donor_dht, donor = peer([])
-joiner_dht, joiner = peer(donor_dht.get_visible_maddrs())
+donor_dht, donor = start_peer(record, [])
+joiner_dht, joiner = start_peer(record, donor_dht.get_visible_maddrs())
 out = {}
 
 # 1. the donor serves epoch 5 while the swarm is at 6, then finishes its step (epoch 6) during the joiner's retries
