@@ -50,7 +50,6 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import enter_asynchronously
 
 from mesh import asyncio_guard, dataplane, metrics
 from mesh.admitted import AdmittedAverager, SignedState
@@ -167,9 +166,8 @@ class FiniteStateMixin(DecentralizedAverager):
     - **To a joiner** asking for the state it answers nothing, as hivemind's averager does when it does not share
       its state: the joiner asks the next donor.
 
-    Both run in the averager's process, on its shared tensors (the optimizer's own with hivemind's
-    ``reuse_tensors``, the default with an offloaded optimizer, as the mesh runs it). Counted:
-    :attr:`nonfinite_state_withheld`."""
+    Both run in the averager's process: the round on the tensors being averaged, the download on the state the
+    training process would serve. Counted: :attr:`nonfinite_state_withheld`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._withheld = mp.RawArray(ctypes.c_long, 2)  # (parameter rounds, downloads), shared with the averager's process
@@ -189,18 +187,26 @@ class FiniteStateMixin(DecentralizedAverager):
         logger.warning("this peer's state is not finite: it takes the parameter round's mean and adds nothing to it")
         scratch = [torch.zeros_like(tensor) for tensor in tensors]
         await super()._run_allreduce_inplace_(scratch, group_info, group_id, **{**kwargs, "weight": 0.0})
-        if not await _off_the_loop(dataplane.finite, scratch):  # 0/0: no member had a finite state (raising would only have hivemind retry)
+        # hivemind ends a round in which a member failed to reduce its part normally, with that part unchanged:
+        # here, zeros, which would pass for a finite state; so the mean is taken only when it came whole
+        runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
+        if runner.tensor_part_container.failed_size:
+            logger.warning("the parameter round lost a part of its mean: this peer's state stays as it is")
+        elif not await _off_the_loop(
+            dataplane.finite, scratch
+        ):  # 0/0: no member had a finite state (raising would only have hivemind retry)
             logger.warning("no member of the parameter round had a finite state: this peer's stays as it is")
-            return
-        for tensor, mean in zip(tensors, scratch):
-            tensor.copy_(mean)
+        else:
+            for tensor, mean in zip(tensors, scratch):
+                tensor.copy_(mean)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        async with enter_asynchronously(self.get_tensors()) as tensors:
-            finite = await _off_the_loop(dataplane.finite, tensors)
-        if not finite:
+        # what would be served: hivemind's averaged tensors are the optimizer's own only with reuse_tensors, and
+        # stale copies otherwise (--averaging local); the state is built in the training process
+        _metadata, state, _infos = await self._get_current_state_from_host_process()
+        if not await _off_the_loop(dataplane.finite, state):
             self._withheld[1] += 1
             logger.warning("this peer's state is not finite: not served to %s", context.remote_id)
             return

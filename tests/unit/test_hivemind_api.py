@@ -281,9 +281,15 @@ def test_what_keeps_a_state_that_is_not_finite_out_of_rounds_and_downloads() -> 
     assert parameters(DecentralizedAverager._run_allreduce_inplace_)[:4] == ["self", "tensors", "group_info", "group_id"]
     run = source(DecentralizedAverager._run_allreduce_inplace_)
     assert "tensors=tensors" in run and "**kwargs" in run and "tensor.add_(update" in run
+    # a part whose reducer failed comes back unchanged (a zero delta), counted in the runner's container
+    assert "self._running_groups[group_id].set_result(runner)" in run
+    assert "self.tensor_part_container = TensorPartContainer(" in source(hivemind.averaging.allreduce.AllReduceRunner.__init__)
+    failed = source(hivemind.averaging.partition.TensorPartContainer.register_failed_reducer)
+    assert "torch.zeros_like" in failed and "self.failed_size +=" in failed
+    # the download check asks the training process for the state it would serve, as hivemind's handler does
+    assert "await self._get_current_state_from_host_process()" in source(DecentralizedAverager.rpc_download_state)
     assert "self._run_allreduce_inplace_(local_tensors, group_info" in source(DecentralizedAverager._aggregate_with_group)
     assert "weight" in parameters(hivemind.averaging.allreduce.AllReduceRunner.__init__)
-    assert "reuse_tensors = offload_optimizer and not delta_rule_averaging" in source(TrainingStateAverager.__init__)
     loading = source(DecentralizedAverager._load_state_from_peers)
     assert "did not send its state" in loading and "continue" in loading
     assert inspect.isasyncgenfunction(DecentralizedAverager.rpc_download_state)
