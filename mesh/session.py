@@ -215,16 +215,24 @@ class Peer:
             logs.set_context(peer_id=self.peer_id, run=config.run)
             logger.info("dht joined peer_id=%s addrs=%s", self.peer_id, ",".join(visible_maddrs(self.dht)) or "-")
             warn_if_open(self.admission)
-            # a peer that brings a task creates the run when it finds no record, so it looks once: waiting for a record
-            # that a freshly joined node might not see yet cost every new run's first peers 2 s and guarded only a
-            # DHT miss (after publishing, it reads back the copy the DHT settled on, as two peers that create the run
-            # at the same moment do); a peer that can only join gives the DHT a few seconds
-            self.record = fetch_run(self.dht, config.run, attempts=1 if config.task else 3, admission=self.admission)
+            self.record = self._find_record()
             torch.manual_seed(self.seed)  # every peer of the run starts from the same parameters
         except BaseException:
             self.leave()
             raise
         return self
+
+    def _find_record(self) -> RunRecord | None:
+        """The run's record, or None when the run is new. A freshly joined node may not see a record at once, so
+        a peer that can only join, or one that sees live peers of the run, looks a few more times, a second apart.
+        A peer with a task that sees neither creates the run at once: those retries cost every new run's first
+        peers 2 s, and an open run's record has one subkey, so a peer that missed a live run's record would have
+        replaced it with its own."""
+        config, admission = self.config, self.admission
+        record = fetch_run(self.dht, config.run, attempts=1, admission=admission)
+        if record is None and (not config.task or fetch_peers(self.dht, config.run, admission=admission)):
+            record = fetch_run(self.dht, config.run, attempts=3, admission=admission)
+        return record
 
     def _ask_coordinator(self, config: PeerConfig) -> PeerConfig:
         """With ``--coordinator``: the run it picks (``--run auto``), its bootstrap addresses (without ``--join``),
