@@ -170,20 +170,20 @@ class FiniteStateMixin(DecentralizedAverager):
     training process would serve. Counted: :attr:`nonfinite_state_withheld`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._withheld = mp.RawArray(ctypes.c_long, 2)  # (parameter rounds, downloads), shared with the averager's process
+        self._withheld = mp.Value(ctypes.c_long, 0, lock=False)  # counted in the averager's process
         super().__init__(*args, **kwargs)
 
     @property
     def nonfinite_state_withheld(self) -> int:
         """Times this peer's state was not finite and it kept it out of a parameter round or a download."""
-        return int(sum(self._withheld))
+        return int(self._withheld.value)
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
     ):
         if await _off_the_loop(dataplane.finite, tensors):
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        self._withheld[0] += 1
+        self._withheld.value += 1
         logger.warning("this peer's state is not finite: it takes the parameter round's mean and adds nothing to it")
         scratch = [torch.zeros_like(tensor) for tensor in tensors]
         await super()._run_allreduce_inplace_(scratch, group_info, group_id, **{**kwargs, "weight": 0.0})
@@ -192,9 +192,8 @@ class FiniteStateMixin(DecentralizedAverager):
         runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
         if runner.tensor_part_container.failed_size:
             logger.warning("the parameter round lost a part of its mean: this peer's state stays as it is")
-        elif not await _off_the_loop(
-            dataplane.finite, scratch
-        ):  # 0/0: no member had a finite state (raising would only have hivemind retry)
+        elif not await _off_the_loop(dataplane.finite, scratch):
+            # 0/0: no member had a finite state (raising here would only have hivemind retry the round)
             logger.warning("no member of the parameter round had a finite state: this peer's stays as it is")
         else:
             for tensor, mean in zip(tensors, scratch):
@@ -207,7 +206,7 @@ class FiniteStateMixin(DecentralizedAverager):
         # stale copies otherwise (--averaging local); the state is built in the training process
         _metadata, state, _infos = await self._get_current_state_from_host_process()
         if not await _off_the_loop(dataplane.finite, state):
-            self._withheld[1] += 1
+            self._withheld.value += 1
             logger.warning("this peer's state is not finite: not served to %s", context.remote_id)
             return
         async for message in super().rpc_download_state(request, context):
