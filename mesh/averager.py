@@ -46,6 +46,7 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
@@ -153,6 +154,47 @@ async def _off_the_loop(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
+class ExactRoundMixin(DecentralizedAverager):
+    """Members of a parameter round end it holding the same tensors, bit for bit.
+
+    hivemind's all-reduce hands each member its parts' mean as a difference from its own values (mean − own,
+    computed by the part's reducer in the tensors' dtype), which the member adds back. In float32, own + (mean − own)
+    is the mean only where the difference is exact: not, for instance, for a value near zero that members hold with
+    opposite signs. Members then came out of the round that was meant to make them agree an ulp apart, and stayed
+    apart until the next round that checked their parameters (DiLoCo's kill-and-join test saw two members' outer
+    parameters differ after a parameter round).
+
+    With ``exact_rounds`` the round runs on float64 copies. The reducer still computes a float32 mean (hivemind sums
+    into a float32 buffer); the difference of two float32 values is exact in float64 (short of magnitudes 2^29
+    apart), so every member adds it back to exactly that mean, and the copy back into the state is exact too.
+    Costs the round twice its bytes on the wire and a float64 copy of the averaged state while it runs. Parts
+    keep the same number of values as in float32 rounds, so members of an older version still average with these
+    (an exact round for the members that run one). ``--averaging local`` keeps float32: its parameter round every
+    epoch is its averaging, and members step apart right after it."""
+
+    def __init__(self, *args: Any, exact_rounds: bool = False, **kwargs: Any) -> None:
+        self.exact_rounds = exact_rounds
+        super().__init__(*args, **kwargs)
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
+    ):
+        if not self.exact_rounds or not tensors:
+            return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        sizes = {tensor.element_size() for tensor in tensors}
+        if len(sizes) == 1:  # parts of as many values as a round in the tensors' own dtype
+            kwargs["part_size_bytes"] = kwargs.get("part_size_bytes", DEFAULT_PART_SIZE_BYTES) * 8 // sizes.pop()
+        wide = await _off_the_loop(lambda: [tensor.detach().double() for tensor in tensors])
+        await super()._run_allreduce_inplace_(wide, group_info, group_id, **kwargs)
+        await _off_the_loop(_copy_, tensors, wide)
+
+
+@torch.no_grad()  # grad mode is per thread: the executor's is on
+def _copy_(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    for target, value in zip(targets, values):
+        target.copy_(value)
+
+
 class FiniteStateMixin(DecentralizedAverager):
     """A member never offers a state (parameters, optimizer statistics) that is not finite: a fault, or a local step
     that diverged (after a failed round, with its own gradient or DiLoCo pseudo-gradient, or in DiLoCo's inner
@@ -222,6 +264,7 @@ class MeshStateAverager(
     LoadedEpochMixin,
     AdmittedAverager,
     FiniteStateMixin,  # after the admission: a download request is checked (and counted) as an outsider's first
+    ExactRoundMixin,  # after the finite check: a member that adds nothing takes the exact mean too
 ):
     """hivemind's state averager (parameters, optimizer state), with the group size set per round, the last round's
     size kept, a state that is not finite kept out of rounds and downloads, and the run's admission

@@ -161,6 +161,9 @@ class MeshOptimizer(hivemind.Optimizer):
         self.admission, self.run_label = admission, admission.run_id
         kwargs["run_id"] = admission.namespace
         self.state_every = state_every
+        # parameter rounds repair drift, and leave members bit-identical (ExactRoundMixin); with local updates
+        # they are the averaging itself, every epoch, in float32
+        self.exact_state_rounds = not kwargs.get("use_local_updates", False)
         # DiLoCo (mesh/diloco.py): an epoch is inner_steps local steps per live peer, and the averaged tensors are
         # the pseudo-gradients against the outer optimizer's parameters
         self.inner_steps = inner_steps
@@ -227,6 +230,7 @@ class MeshOptimizer(hivemind.Optimizer):
             auxiliary=self.auxiliary,
             start=True,
             admission=self.admission,
+            exact_rounds=self.exact_state_rounds,
             **kwargs,
         )
 

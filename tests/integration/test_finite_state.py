@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.procs import REPO
 
@@ -41,11 +42,14 @@ def parameter_round(*opts):
 
 a_dht, a = start_peer(record, [])
 b_dht, b = start_peer(record, a_dht.get_visible_maddrs())
-out = {}
+out = {"averaging": sys.argv[1]}
 
 # 1. both finite: the mean
 set_parameters(a, 1.0); set_parameters(b, 3.0)
 out["finite"] = parameter_round(a, b)
+# 1b. values near zero with opposite signs: in float32, own + (mean - own) is not the mean for both
+set_parameters(a, 1e-8); set_parameters(b, -2e-8)
+out["near_zero"] = parameter_round(a, b)
 # 2. b's parameters are NaN: a keeps its own (the mean of the finite ones), b takes it
 set_parameters(a, 5.0); set_parameters(b, float("nan"))
 out["b_nan"] = parameter_round(a, b)
@@ -88,6 +92,18 @@ def outcome(request: pytest.FixtureRequest) -> dict:
 
 def test_a_parameter_round_of_finite_members_is_their_mean(outcome: dict) -> None:
     assert outcome["finite"] == {"a": [2.0] * 4, "b": [2.0] * 4}, outcome
+
+
+def test_members_of_a_parameter_round_end_it_bit_identical_on_the_float32_mean(outcome: dict) -> None:
+    """ExactRoundMixin: hivemind hands each member the mean as a difference from its own values; in float32 that
+    left a and b an ulp apart here. With --averaging local the round stays float32 (it is the averaging, every
+    epoch): within float32 rounding of the mean."""
+    mean = float((torch.tensor(1e-8) + torch.tensor(-2e-8)) / 2)  # hivemind's reducer: a float32 sum, then / 2
+    if outcome["averaging"] == "local":
+        for values in outcome["near_zero"].values():
+            assert values == pytest.approx([mean] * 4, rel=1e-6), outcome
+    else:
+        assert outcome["near_zero"] == {"a": [mean] * 4, "b": [mean] * 4}, outcome
 
 
 def test_a_member_with_nan_parameters_takes_the_others_mean_and_adds_nothing_to_it(outcome: dict) -> None:

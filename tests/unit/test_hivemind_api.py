@@ -293,3 +293,18 @@ def test_what_keeps_a_state_that_is_not_finite_out_of_rounds_and_downloads() -> 
     loading = source(DecentralizedAverager._load_state_from_peers)
     assert "did not send its state" in loading and "continue" in loading
     assert inspect.isasyncgenfunction(DecentralizedAverager.rpc_download_state)
+
+
+def test_what_makes_a_parameter_round_exact_on_float64_copies() -> None:
+    """mesh.averager.ExactRoundMixin: the reducer sums into a float32 buffer and sends each member the mean minus
+    its part, which the member adds to its own tensor; parts are cut by bytes (part_size_bytes, from the
+    runner's kwargs) over the tensors' element size."""
+    from hivemind.averaging.allreduce import AllReduceRunner
+    from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+
+    assert "self.accumulator = torch.zeros(self.part_shapes[self.current_part_index])" in source(TensorPartReducer.reset_accumulators)
+    assert source(AllReduceRunner).count("averaged_part - tensor_part") == 2  # its own part, and each sender's
+    assert "TensorPartContainer(tensors, peer_fractions, return_deltas=True, **kwargs)" in source(AllReduceRunner.__init__)
+    assert "part_size_bytes" in parameters(TensorPartContainer.__init__)
+    assert "tensor.element_size()" in source(TensorPartContainer.__init__)
+    assert "tensor.add_(update, alpha=self._averaging_alpha)" in source(DecentralizedAverager._run_allreduce_inplace_)
