@@ -62,6 +62,7 @@ bench: install
 	$(PY) -m tests.bench.allreduce
 	$(PY) -m tests.bench.training --clipped
 	$(PY) -m tests.bench.diloco
+	$(PY) -m tests.bench.parameter_round
 
 # On a CUDA machine (install the project into an env with a CUDA build of torch, or TORCH_SPEC=torch): a bootstrap
 # and 2 peers on the demo task, cuda:0/cuda:1 (both on cuda:0 with one GPU), bf16; checks equal parameters and a

@@ -161,8 +161,7 @@ class ExactRoundMixin(DecentralizedAverager):
     computed by the part's reducer in the tensors' dtype), which the member adds back. In float32, own + (mean − own)
     is the mean only where the difference is exact: not, for instance, for a value near zero that members hold with
     opposite signs. Members then came out of the round that was meant to make them agree an ulp apart, and stayed
-    apart until the next round that checked their parameters (DiLoCo's kill-and-join test saw two members' outer
-    parameters differ after a parameter round).
+    apart until the next round that checked their parameters.
 
     With ``exact_rounds`` the round runs on float64 copies. The reducer still computes a float32 mean (hivemind sums
     into a float32 buffer); the difference of two float32 values is exact in float64 (short of magnitudes 2^29

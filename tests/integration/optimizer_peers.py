@@ -19,10 +19,11 @@ def sgd_record(run: str, **settings) -> RunRecord:
     return new_record(run, "regression", "0" * 16, PeerConfig(run=run, task="regression", optimizer="sgd", lr=0.1, **settings))
 
 
-def start_peer(record: RunRecord, initial_peers: list) -> tuple[hivemind.DHT, MeshOptimizer]:
-    """A DHT node joined through ``initial_peers`` (none: a new DHT) and the run's optimizer over a Linear(3, 1)."""
+def start_peer(record: RunRecord, initial_peers: list, model: torch.nn.Module | None = None) -> tuple[hivemind.DHT, MeshOptimizer]:
+    """A DHT node joined through ``initial_peers`` (none: a new DHT) and the run's optimizer over ``model`` (by
+    default a Linear(3, 1))."""
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
-    model = torch.nn.Linear(3, 1)
+    model = model if model is not None else torch.nn.Linear(3, 1)
     opt, _ = make_run_optimizer(
         dht, record, list(model.parameters()), own_optimizer=None, own_scheduler=None, admission=Admission(record.run_id)
     )
