@@ -1,6 +1,6 @@
 """A peer whose state (parameters, optimizer statistics) is not finite keeps it out of parameter rounds and downloads
 (``FiniteStateMixin`` in mesh/averager.py): in a round it takes the others' mean and adds nothing; a joiner asking
-it for the state is sent on to the next donor.
+it for the state is sent on to the next donor. And members of a round end it bit-identical (``ExactRoundMixin``).
 
 Real optimizers (the run's, ``make_run_optimizer``) on hivemind DHT nodes on 127.0.0.1, in a fresh Python (hivemind's
 objects in the test's process would leave sockets for pytest to report at exit). References: the closed-form mean of

@@ -116,12 +116,15 @@ def test_a_value_forged_in_a_protected_store_fails_the_build_and_is_counted() ->
         (name,) = spy.list_keys()
         spy.set(name, b"\x00" * 200)  # the rogue's own "address" in its place
         second = start(honest, 1, store.port, 2, SECRET)
-        (outcome_0, _, refused_0), (outcome_1, detail, refused_1) = results([first, second])
+        (outcome_0, detail_0, refused_0), (outcome_1, detail, refused_1) = results([first, second])
     finally:
         store.close()
     assert (outcome_0, outcome_1) == ("failed", "failed")
     assert "not written by a member" in detail and refused_1 == 1  # member 1 read the forged value and counted it
-    assert refused_0 == 0
+    # member 0 counts one only if it met the forged value too: gloo's rendezvous reads every rank's key back, its
+    # own included, and under load the forgery can land between member 0's write and that read (seen in CI); else
+    # its build fails when member 1 never connects, which is no forgery and not counted
+    assert refused_0 == ("not written by a member" in detail_0), (detail_0, refused_0)
 
 
 def prover(rank: int, port: int, key: bytes, conn) -> None:
