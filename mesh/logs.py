@@ -77,8 +77,27 @@ class _DropCancellationNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.name == "asyncio" or record.name.startswith("hivemind")):
             return True
+        _shorten_orphaned_dht_request(record)
         message = record.getMessage()
         return not any(noise in message for noise in _CANCELLATION_NOISE)
+
+
+def _shorten_orphaned_dht_request(record: logging.LogRecord) -> None:
+    """hivemind's DHT process logs a whole traceback when it cannot read a request off its pipe. Every request
+    carries its caller's reply pipe, fetched from the caller's process on reading; when the caller (the averager's
+    process, at a leave) exited between sending and the read, that fetch fails and the request had no one to answer.
+    Harmless, and it happens at ordinary exits: one warning line, without the traceback (which --log-level debug
+    keeps)."""
+    if record.name != "hivemind.dht.dht" or record.funcName != "_run" or not record.exc_info:
+        return
+    error = record.exc_info[1]
+    record.msg, record.args, record.exc_info, record.exc_text = (
+        "dropped a DHT request whose sender had exited before it was read (%s: %s)",
+        (type(error).__name__, error),
+        None,
+        None,
+    )
+    record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
 
 
 _level = "info"
