@@ -282,7 +282,7 @@ class Match:
 # "params" a digest of the member's parameters when the round checks them (parameter_digest), else NaN
 ROW = ("weight", "epoch", "rate", "batch", "live", "resync", "leaving", "params")
 STALE_WEIGHT_FACTOR = 2.0**-30  # hivemind's all-reduce: a member behind the group's epoch weighs this much of itself
-PAUSE_AFTER_FAILED_BUILD = 10  # rounds on hivemind's all-reduce after a process group could not be built
+PAUSE_AFTER_FAILED_BUILD = 10  # rounds on hivemind's all-reduce after a process group could not be built (not clipped)
 
 
 def decode_row(row: list[float]) -> dict:
@@ -655,12 +655,15 @@ class MeshGradientAverager(DeclareThrottleMixin, GroupSizeMixin, SignedState, Gr
             # every member fails to rendezvous alike (same store, same timeout), so all leave the data plane alike
             self._groups.drop()
             self.data_plane_fallbacks += 1
-            self._plane_paused = PAUSE_AFTER_FAILED_BUILD
-            logger.warning(
-                "data plane: process group not built (%s); this round fails, the next %d use hivemind's all-reduce",
-                err,
-                PAUSE_AFTER_FAILED_BUILD,
-            )
+            if self.aggregation == "clipped":  # hivemind's all-reduce would fail those rounds too: build again next
+                logger.warning("data plane: process group not built (%s); this round fails, the next builds anew", err)
+            else:
+                self._plane_paused = PAUSE_AFTER_FAILED_BUILD
+                logger.warning(
+                    "data plane: process group not built (%s); this round fails, the next %d use hivemind's all-reduce",
+                    err,
+                    PAUSE_AFTER_FAILED_BUILD,
+                )
             raise MatchmakingException(f"data plane: process group not built: {err}") from None
         self.data_plane_builds += self._groups.builds - builds
         ranked = sorted(match.gathered, key=lambda peer: peer.to_bytes())  # the process group's rank order

@@ -180,6 +180,29 @@ def test_clipped_aggregation_bounds_a_faulty_member_and_is_the_clipped_mean() ->
         assert [m.averager.standing_rounds for m in members] == [1] * 3
 
 
+def test_a_clipped_group_whose_build_failed_builds_again_at_its_next_round() -> None:
+    """A process group that could not be built (here: the rendezvous host was advertised on an address nobody listens
+    on, then fixed) fails its round; under --aggregation clipped the next round builds again and is the clipped mean
+    (hivemind's all-reduce, the 10-round fallback of plain mean, has no clipping: those rounds failed too)."""
+    with ExitStack() as stack:
+        members = start_members(2, stack, epochs=True, aggregation="clipped")
+        weights = [16, 32]
+        for member in members:
+            member.averager.data_plane_host = "127.0.0.2"  # advertised in the round's endpoint; the store is on .1
+        controls = [m.start_round(1, 2, w) for m, w in zip(members, weights)]
+        for control in controls:
+            with pytest.raises(Exception, match="process group not built"):
+                control.result(60)
+        finish_round(members, [])
+        for member in members:
+            member.averager.data_plane_host = "127.0.0.1"
+        assert [m.averager.data_plane_fallbacks for m in members] == [1, 1]
+        run_round(members, 2, weights)
+        for member in members:
+            assert_close(torch.cat(member.averaged()), clipped_mean(members, 2, weights), rtol=1e-5, atol=1e-5)
+        assert [m.averager.data_plane_builds for m in members] == [1, 1]
+
+
 @pytest.mark.parametrize("data_plane", [True, False], ids=["gloo", "hivemind"])
 def test_a_member_behind_the_groups_epoch_is_left_out_of_the_mean(data_plane: bool) -> None:
     """A member whose epoch lags the group's computed its gradient on parameters an epoch or more old: the round's
