@@ -185,7 +185,7 @@ def test_a_clipped_group_whose_build_failed_builds_again_at_its_next_round() -> 
     on, then fixed) fails its round; under --aggregation clipped the next round builds again and is the clipped mean
     (hivemind's all-reduce, the 10-round fallback of plain mean, has no clipping: those rounds failed too)."""
     with ExitStack() as stack:
-        members = start_members(2, stack, epochs=True, aggregation="clipped")
+        members = start_members(2, stack, epochs=True, aggregation="clipped", timeout=4.0)  # the failed build's wait
         weights = [16, 32]
         for member in members:
             member.averager.data_plane_host = "127.0.0.2"  # advertised in the round's endpoint; the store is on .1
