@@ -1,9 +1,9 @@
 """Run admission with real processes on 127.0.0.1 (docs/security.md): an outsider with plain hivemind cannot touch a
 protected run, a wrong or missing secret gets one line, and the run's record cannot be forged.
 
-References: the attacked peers' parameters must equal each other and learn as a clean run must (the bound of
-``test_two_peers_agree_and_learn_like_a_single_process``: single-process SGD on the same global batch, the worst of
-five data seeds, with a 1.5x margin); the record a new peer trains by is the one the run was created with.
+References: the attacked peers' parameters must equal each other and learn within 2x of a clean run (single-process
+SGD on the same global batch, the worst of five data seeds, as ``test_two_peers_agree_and_learn_like_a_single_process``
+computes it); the record a new peer trains by is the one the run was created with.
 """
 
 from __future__ import annotations
@@ -67,8 +67,13 @@ def test_an_outsider_with_plain_hivemind_is_refused_on_every_path(bootstrap: str
     assert late.status()["state_downloads"] >= 1, late.status()
 
     final = assert_same_parameters(*honest, late)
+    # within 2x of single-process SGD's worst of five seeds, as the clipped test below (an attack that got through,
+    # a forged state or gradient, ends orders of magnitude off: the mean test's huge gradients > 100x). Not 1.5x: with
+    # four more processes on 2 cores the honest peers fall behind and download state (b 2-3 times, c 3-6 times) and
+    # reached 1.18-1.61x of that worst seed in three runs here and one fresh-clone CI run (1.5x failed two of the four)
     references = [reference_eval_loss(EPOCHS, seed) for seed in range(5)]
-    assert eval_loss(final) <= 1.5 * max(references), (eval_loss(final), references)
+    rounds = [(peer.status()["rounds"], peer.status()["state_downloads"]) for peer in (*honest, late)]
+    assert eval_loss(final) <= 2 * max(references), (eval_loss(final), references, rounds)
 
 
 @pytest.mark.parametrize("aggregation", ["clipped", "mean"])
