@@ -73,7 +73,9 @@ _CANCELLATION_NOISE = (
 )
 
 
-class _DropCancellationNoise(logging.Filter):
+class _HivemindNoise(logging.Filter):
+    """Drops hivemind's and asyncio's cancellation noise and shortens the DHT's orphaned-request traceback."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.name == "asyncio" or record.name.startswith("hivemind")):
             return True
@@ -115,7 +117,7 @@ def configure(level: str = "info", fmt: str = "text", role: str = "") -> None:
         prefix = f"{role} " if role else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     if _level != "debug":
-        handler.addFilter(_DropCancellationNoise())
+        handler.addFilter(_HivemindNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

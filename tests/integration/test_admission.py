@@ -72,7 +72,7 @@ def test_an_outsider_with_plain_hivemind_is_refused_on_every_path(bootstrap: str
     # four more processes on 2 cores the honest peers fall behind and download state (b 2-3 times, c 3-6 times) and
     # reached 1.18-1.61x of that worst seed in three runs here and one fresh-clone CI run (1.5x failed two of the four)
     references = [reference_eval_loss(EPOCHS, seed) for seed in range(5)]
-    rounds = [(peer.status()["rounds"], peer.status()["state_downloads"]) for peer in (*honest, late)]
+    rounds = [(status["rounds"], status["state_downloads"]) for status in (peer.status() for peer in (*honest, late))]
     assert eval_loss(final) <= 2 * max(references), (eval_loss(final), references, rounds)
 
 
